@@ -1,0 +1,110 @@
+"""The modality-encoder contract.
+
+An encoder turns one raw input (a path, bytes, array, tensor...) into a tensor with ``preprocess`` (a
+pure function of the input, no learned state) and a batch of such tensors into features with
+``forward``:
+
+    preprocess(item)  -> Tensor          one item, e.g. (C, H, W) for an image, (T,) for audio
+    forward(x)        -> (B, N, D_enc)   x stacks B preprocessed items of the same shape
+    num_tokens(x)     -> N               for one preprocessed item (variable-size inputs differ)
+
+Concrete encoders declare an ``Options`` dataclass (their config fields) and say whether they loaded
+pretrained weights (``is_pretrained``): pretrained encoders are frozen by default, encoders built from
+scratch train with the projector.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mm_llama.config import EncoderConfig, build_options
+from mm_llama.registry import Registry
+
+ENCODERS: Registry[type[ModalityEncoder]] = Registry("encoder")
+
+
+@dataclass
+class NoOptions:
+    """An encoder without options."""
+
+
+class ModalityEncoder(nn.Module, ABC):
+    """Base class of every encoder. Subclasses set ``modality`` and ``Options`` and implement the rest."""
+
+    modality: ClassVar[str]
+    """The modality this encoder is made for (documentation; any modality slot may use it)."""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    @property
+    @abstractmethod
+    def output_dim(self) -> int:
+        """D_enc, the width of each output token."""
+
+    @property
+    @abstractmethod
+    def is_pretrained(self) -> bool:
+        """Whether the weights came from a checkpoint (frozen by default) or are random (trainable)."""
+
+    @abstractmethod
+    def preprocess(self, item: Any) -> torch.Tensor:
+        """One raw input -> one tensor ready to batch. Pure: no learned state, no randomness."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) preprocessed batch -> (B, N, D_enc) features."""
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        """N for one preprocessed item; the default runs a shape-only pass on the meta device."""
+        with torch.device("meta"):
+            return int(self.forward(x.to("meta").unsqueeze(0)).shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+
+def read_bytes(item: Any, what: str) -> tuple[bytes, str]:
+    """The bytes of a path / bytes / file-like input and a name for error messages."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item), f"<{what} bytes>"
+    if isinstance(item, io.IOBase):
+        return item.read(), f"<{what} file object>"
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file not found: {path}")
+        try:
+            return path.read_bytes(), str(path)
+        except OSError as e:
+            raise ValueError(f"cannot read {what} file {path}: {e}") from e
+    raise TypeError(f"expected a path, bytes or a file object for the {what}, got {type(item).__name__}")
+
+
+def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:
+    """Instantiate the encoder named by ``cfg.type`` with its validated options, and freeze it if asked."""
+    cls = ENCODERS.get(cfg.type)
+    options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
+    encoder = cls(options)
+    freeze = cfg.freeze if cfg.freeze is not None else encoder.is_pretrained
+    encoder.requires_grad_(not freeze)
+    return encoder

@@ -1,0 +1,224 @@
+"""Text + media -> model inputs.
+
+The processor renders a conversation with the LLM tokenizer's chat template (or LLaVA's ``plain``
+stage-1 format), expands every modality marker (``<image>``, ``<audio>``, ...) into as many placeholder
+ids as the projector will emit for that item, and builds labels that are -100 everywhere except on the
+assistant replies. It also preprocesses the media through each encoder's pure ``preprocess``.
+Batches are padded on the right for training and on the left for generation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mm_llama.modality import marker
+
+IGNORE_INDEX = -100
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}USER: {{ m['content'] }}\n"
+    "{% else %}ASSISTANT: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+"""Used when the tokenizer has no chat template (a base model): Vicuna-style USER/ASSISTANT turns."""
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+MediaHandler = Callable[[Any], tuple[torch.Tensor, int]]
+"""Raw item -> (preprocessed tensor, number of placeholder tokens it needs)."""
+
+
+@dataclass
+class Example:
+    """One tokenized sample: ids, labels, and its preprocessed media in marker order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    media: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def normalize_messages(
+    conversation: Sequence[dict[str, str]], where: str = "conversation"
+) -> list[dict[str, str]]:
+    """Accept ``{"role", "content"}`` or LLaVA's ``{"from", "value"}`` turns; return role/content dicts."""
+    messages = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}[{i}]: expected a mapping, got {type(turn).__name__}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLE_ALIASES:
+            raise ValueError(f"{where}[{i}]: role/from must be one of {sorted(ROLE_ALIASES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}[{i}]: content/value must be a string, got {type(content).__name__}")
+        messages.append({"role": ROLE_ALIASES[role], "content": content})
+    return messages
+
+
+class MultimodalProcessor:
+    """Tokenizes conversations with media markers for a :class:`~mm_llama.model.MultimodalLM`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        handlers: dict[str, MediaHandler],
+        template: Literal["chat", "plain"] = "chat",
+        system_prompt: str | None = None,
+        max_length: int = 2048,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.handlers = handlers
+        self.template = template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        if template == "chat" and not tokenizer.chat_template:
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        markers = [marker(m) for m in handlers]
+        missing = [m for m in markers if m not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+            )
+        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(marker(m)) for m in handlers}
+        self._marker_re = re.compile("(" + "|".join(re.escape(m) for m in markers) + ")") if markers else None
+
+    # ---- rendering -------------------------------------------------------------------------------------
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """The conversation as text segments, each flagged True when it is supervised (an assistant reply)."""
+        if self.template == "plain":
+            segments = []
+            for m in messages:
+                if m["role"] == "user":
+                    segments.append((m["content"], False))
+                elif m["role"] == "assistant":
+                    segments.append((m["content"] + self.tokenizer.eos_token, True))
+            return segments
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+
+        def render(msgs: list[dict[str, str]], gen: bool) -> str:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        full = render(messages, add_generation_prompt)
+        segments, cursor = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(render(messages[:i], True))
+            end = len(render(messages[: i + 1], False))
+            if start < cursor or end > len(full) or not full.startswith(render(messages[: i + 1], False)):
+                raise ValueError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix, so the "
+                    "assistant replies cannot be located; set template: plain or give a chat template that does"
+                )
+            segments += [(full[cursor:start], False), (full[start:end], True)]
+            cursor = end
+        segments.append((full[cursor:], False))
+        return [(text, sup) for text, sup in segments if text]
+
+    # ---- encoding --------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        conversation: str | Sequence[dict[str, str]],
+        media: dict[str, Sequence[Any]] | None = None,
+        add_generation_prompt: bool = False,
+        where: str = "prompt",
+    ) -> Example:
+        """Tokenize one prompt (a user message string) or conversation, with its media in marker order.
+
+        ``media`` maps a modality to the raw items its markers refer to, in order of appearance.
+        Raises ``ValueError`` when the number of markers and of items differ.
+        """
+        if isinstance(conversation, str):
+            messages = [{"role": "user", "content": conversation}]
+        else:
+            messages = normalize_messages(conversation, where)
+        media = {k: list(v) for k, v in (media or {}).items() if v is not None}
+        for name in media:
+            if name not in self.handlers:
+                raise ValueError(
+                    f"{where}: got {name} inputs but the model has no {name} encoder "
+                    f"(its modalities: {', '.join(self.handlers) or 'none'})"
+                )
+        text = "".join(m["content"] for m in messages)
+        for name in self.handlers:
+            n_markers = text.count(marker(name))
+            n_items = len(media.get(name, []))
+            if n_markers != n_items:
+                raise ValueError(
+                    f"{where}: {n_markers} {marker(name)} marker(s) in the text but {n_items} {name} "
+                    f"input(s) given; put one {marker(name)} in the prompt for each {name}"
+                )
+        tensors: dict[str, list[torch.Tensor]] = {}
+        counts: dict[str, list[int]] = {}
+        for name, items in media.items():
+            for item in items:
+                tensor, n = self.handlers[name](item)
+                tensors.setdefault(name, []).append(tensor)
+                counts.setdefault(name, []).append(n)
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        seen = {name: 0 for name in self.handlers}
+        for segment, supervised in self._render(messages, add_generation_prompt):
+            pieces = self._marker_re.split(segment) if self._marker_re else [segment]
+            for piece in pieces:
+                if not piece:
+                    continue
+                name = piece[1:-1]
+                if name in self.handlers and piece == marker(name):
+                    n = counts[name][seen[name]]
+                    seen[name] += 1
+                    input_ids += [self.placeholder_ids[name]] * n
+                    labels += [IGNORE_INDEX] * n
+                else:
+                    ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    input_ids += ids
+                    labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) > self.max_length:
+            cut_ids = input_ids[: self.max_length]
+            kept = sum(cut_ids.count(pid) for pid in self.placeholder_ids.values())
+            total = sum(input_ids.count(pid) for pid in self.placeholder_ids.values())
+            if kept != total:
+                raise ValueError(
+                    f"{where}: {len(input_ids)} tokens exceed max_length={self.max_length} and truncation "
+                    "would cut media placeholders; raise max_length or shorten the sample"
+                )
+            input_ids, labels = cut_ids, labels[: self.max_length]
+        return Example(input_ids=input_ids, labels=labels, media=tensors)
+
+    # ---- batching --------------------------------------------------------------------------------------
+    def collate(
+        self, examples: Sequence[Example], padding_side: Literal["right", "left"] = "right"
+    ) -> dict[str, Any]:
+        """Pad a list of examples: ``input_ids``/``attention_mask``/``labels`` (B, T) and ``media``,
+        each modality's tensors flattened in batch-then-marker order (the order of the placeholders)."""
+        pad_id = self.tokenizer.pad_token_id
+        length = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        media: dict[str, list[torch.Tensor]] = {}
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            ids[row, span] = torch.tensor(e.input_ids, dtype=torch.long)
+            mask[row, span] = 1
+            labels[row, span] = torch.tensor(e.labels, dtype=torch.long)
+            for name, tensors in e.media.items():
+                media.setdefault(name, []).extend(tensors)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media}
