@@ -45,12 +45,8 @@ def tiny_image_modality(projector: str = "mlp2x_gelu", **options: Any) -> Modali
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     """An image-only tiny model config with a short system prompt."""
-    return ModelConfig(
-        llm=tiny_llm_config(),
-        modalities={"image": tiny_image_modality()},
-        system_prompt="Be brief.",
-        **overrides,
-    )
+    fields: dict[str, Any] = {"system_prompt": "Be brief.", **overrides}
+    return ModelConfig(llm=tiny_llm_config(), modalities={"image": tiny_image_modality()}, **fields)
 
 
 @pytest.fixture

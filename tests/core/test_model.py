@@ -1,0 +1,202 @@
+"""MultimodalLM and its processor on tiny random models: shapes, labels, masks, errors, save/load, generate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mm_llama import MultimodalLM
+from mm_llama.processor import IGNORE_INDEX
+from tests.conftest import tiny_config
+
+N_IMAGE_TOKENS = 16  # 32 px / 8 px patches = 4 x 4, CLS dropped
+
+
+def test_marker_expansion_and_labels(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat colour?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "And <image>?"},
+        {"from": "gpt", "value": "Blue."},
+    ]
+    example = tiny_model.processor(conversation, {"image": [rgb_image, rgb_image]})
+    pid = tiny_model.processor.placeholder_ids["image"]
+    assert example.input_ids.count(pid) == 2 * N_IMAGE_TOKENS
+    assert len(example.media["image"]) == 2 and example.media["image"][0].shape == (3, 32, 32)
+    supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert tiny_model.tokenizer.decode(supervised) == "Red.<|im_end|>\nBlue.<|im_end|>\n"
+    assert all(label == IGNORE_INDEX for i, label in zip(example.input_ids, example.labels) if i == pid)
+    rendered = tiny_model.tokenizer.decode(example.input_ids)
+    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_plain_template_supervises_caption_only(rgb_image: np.ndarray) -> None:
+    model = MultimodalLM(tiny_config(template="plain"))
+    example = model.processor(
+        [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}], {"image": [rgb_image]}
+    )
+    assert example.input_ids[:N_IMAGE_TOKENS] == [model.processor.placeholder_ids["image"]] * N_IMAGE_TOKENS
+    supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert model.tokenizer.decode(supervised) == "a cat<|im_end|>"
+    assert len(example.input_ids) == N_IMAGE_TOKENS + len(supervised)
+
+
+def test_fallback_template_without_chat_template(rgb_image: np.ndarray) -> None:
+    from mm_llama.llm import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_config().llm)
+    tokenizer.chat_template = None
+    model = MultimodalLM(tiny_config(system_prompt=None), tokenizer=tokenizer)
+    example = model.processor(
+        [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "yo"}],
+        {"image": [rgb_image]},
+    )
+    text = model.tokenizer.decode(
+        [i for i in example.input_ids if i != model.processor.placeholder_ids["image"]]
+    )
+    assert text.startswith("USER:  hi\nASSISTANT: yo")
+    supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert model.tokenizer.decode(supervised).startswith("yo")
+
+
+def test_marker_count_mismatch_is_explained(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"2 <image> marker\(s\) in the text but 1 image input\(s\) given"):
+        tiny_model.processor("<image> and <image>", {"image": [rgb_image]})
+    with pytest.raises(ValueError, match="no audio encoder"):
+        tiny_model.processor("<audio>", {"audio": [b"x"]})
+
+
+def test_placeholder_feature_mismatch_raises(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    batch = tiny_model.processor.collate([tiny_model.processor("<image> hi", {"image": [rgb_image]})])
+    ids = batch["input_ids"].clone()
+    ids[0, ids[0] == tiny_model.processor.placeholder_ids["image"]] = 5  # remove the placeholders
+    with pytest.raises(
+        ValueError, match=r"hold 0 <image> placeholder tokens but the 1 image input\(s\) produced 16"
+    ):
+        tiny_model(ids, batch["attention_mask"], media=batch["media"])
+
+
+def test_forward_loss_matches_full_logits(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    examples = [
+        tiny_model.processor(
+            [{"from": "human", "value": "<image> colour?"}, {"from": "gpt", "value": "red"}],
+            {"image": [rgb_image]},
+        ),
+        tiny_model.processor(
+            [{"from": "human", "value": "Say something long about <image>"}, {"from": "gpt", "value": "no"}],
+            {"image": [rgb_image]},
+        ),
+    ]
+    batch = tiny_model.processor.collate(examples)
+    assert batch["attention_mask"][0].tolist()[-1] in (0, 1) and batch["input_ids"].shape[0] == 2
+    out = tiny_model(**batch, return_logits=True)
+    logits = out.logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    reference = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    assert torch.allclose(out.loss, reference, atol=1e-5)
+    assert out.num_label_tokens == int((targets != IGNORE_INDEX).sum())
+
+
+def test_right_padding_does_not_change_logits(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    short = tiny_model.processor("<image> a", {"image": [rgb_image]})
+    long = tiny_model.processor("<image> a much longer question than the first one", {"image": [rgb_image]})
+    alone = tiny_model.processor.collate([short])
+    both = tiny_model.processor.collate([short, long])
+    with torch.no_grad():
+        a = tiny_model(**alone, return_logits=True).logits[0]
+        b = tiny_model(**both, return_logits=True).logits[0, : a.shape[0]]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_image_inputs_of_every_kind(tiny_model: MultimodalLM, rgb_image: np.ndarray, tmp_path) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb_image).save(path)
+    reference = tiny_model.encoders["image"].preprocess(rgb_image)
+    for item in (
+        str(path),
+        path,
+        path.read_bytes(),
+        Image.open(path),
+        torch.from_numpy(rgb_image).permute(2, 0, 1),
+    ):
+        assert torch.allclose(tiny_model.encoders["image"].preprocess(item), reference)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        tiny_model.generate("<image>", images=[tmp_path / "missing.png"])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
+        tiny_model.generate("<image>", images=[tmp_path / "bad.png"])
+
+
+def test_generate_single_batched_and_streaming(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    other = np.flipud(rgb_image).copy()
+    one = tiny_model.generate("<image>\nWhat is it?", images=[rgb_image], max_new_tokens=6)
+    two = tiny_model.generate("Compare <image> with <image>.", images=[rgb_image, other], max_new_tokens=6)
+    batched = tiny_model.generate(
+        ["<image>\nWhat is it?", "Compare <image> with <image>."],
+        images=[[rgb_image], [rgb_image, other]],
+        max_new_tokens=6,
+    )
+    assert isinstance(one, str) and batched == [one, two]
+    pieces = list(
+        tiny_model.generate("<image>\nWhat is it?", images=[rgb_image], max_new_tokens=6, stream=True)
+    )
+    assert "".join(pieces).strip() == one
+    torch.manual_seed(1)
+    sampled = tiny_model.generate(
+        "<image>", images=[rgb_image], max_new_tokens=4, do_sample=True, temperature=1.5
+    )
+    assert isinstance(sampled, str)
+    with pytest.raises(ValueError, match="one list per prompt"):
+        tiny_model.generate(["<image>", "<image>"], images=[[rgb_image]])
+
+
+def test_text_only_prompt(tiny_model: MultimodalLM) -> None:
+    assert isinstance(tiny_model.generate("Hello", max_new_tokens=3), str)
+
+
+def test_save_load_round_trip_identical_logits(
+    tiny_model: MultimodalLM, rgb_image: np.ndarray, tmp_path
+) -> None:
+    batch = tiny_model.processor.collate([tiny_model.processor("<image> hi", {"image": [rgb_image]})])
+    with torch.no_grad():
+        before = tiny_model(**batch, return_logits=True).logits
+    tiny_model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    assert (tmp_path / "ckpt" / "projectors.safetensors").is_file()
+    assert (tmp_path / "ckpt" / "encoders" / "image.safetensors").is_file()  # built from scratch: saved
+    loaded = MultimodalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        after = loaded(**batch, return_logits=True).logits
+    assert torch.equal(before, after)
+    with pytest.raises(FileNotFoundError, match="not an mm_llama checkpoint"):
+        MultimodalLM.from_pretrained(tmp_path)
+
+
+def test_random_llm_must_be_copied(tiny_model: MultimodalLM, tmp_path) -> None:
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="copy_llm=True"):
+        MultimodalLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_pretrained_encoder_is_frozen_and_referenced(tmp_path, rgb_image: np.ndarray) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from tests.conftest import TINY_CLIP
+
+    spec = {k: v for k, v in TINY_CLIP.items() if k != "model_type"}
+    CLIPVisionModel(CLIPVisionConfig(**spec)).save_pretrained(tmp_path / "clip")
+    config = tiny_config()
+    config.modalities["image"].encoder.options = {"name_or_path": str(tmp_path / "clip")}
+    model = MultimodalLM(config)
+    assert not any(p.requires_grad for p in model.encoders["image"].parameters())
+    model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    assert not (
+        tmp_path / "ckpt" / "encoders"
+    ).exists()  # frozen pretrained encoders are referenced, not copied
+    loaded = MultimodalLM.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(
+        loaded.encoders["image"].preprocess(rgb_image), model.encoders["image"].preprocess(rgb_image)
+    )
