@@ -1,0 +1,116 @@
+"""The ``mm-llama`` command: train, chat, eval, toyworld, cache-features, export.
+
+Each subcommand is a thin wrapper over an importable function; heavy modules are imported only when
+their subcommand runs, so ``mm-llama --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a folder written by training or save_pretrained")
+    for name in ("image", "audio", "video", "imu"):
+        parser.add_argument(
+            f"--{name}", action="append", default=[], metavar="PATH", help=f"a {name} file (repeatable)"
+        )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument(
+        "question", nargs="?", help="the question; markers are added for the media when missing"
+    )
+
+
+def build_prompt(question: str, media: dict[str, list[str]]) -> str:
+    """Prefix one marker per media file unless the question already places them."""
+    prefix = []
+    for name, paths in media.items():
+        if paths and f"<{name}>" not in question:
+            prefix += [f"<{name}>"] * len(paths)
+    return (" ".join(prefix) + "\n" + question) if prefix else question
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from mm_llama.model import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(args.checkpoint).eval()
+    media = {name: getattr(args, name) for name in ("image", "audio", "video", "imu")}
+    sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
+
+    def answer(question: str) -> None:
+        prompt = build_prompt(question, media)
+        used = {name: paths for name, paths in media.items() if paths}
+        for piece in model.generate(
+            prompt, media=used, max_new_tokens=args.max_new_tokens, stream=True, **sampling
+        ):
+            print(piece, end="", flush=True)
+        print()
+
+    if args.question:
+        answer(args.question)
+        return
+    print("Ask a question (empty line or Ctrl-D to quit).")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        answer(line.strip())
+
+
+def _add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument(
+        "--out", required=True, help="folder for a self-contained copy (LLM with LoRA merged)"
+    )
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from mm_llama.model import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(args.checkpoint)
+    print(f"wrote {model.save_pretrained(args.out, copy_llm=True)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mm_llama.data import toyworld
+    from mm_llama.eval import cli as eval_cli
+    from mm_llama.train import cli as train_cli
+
+    parser = argparse.ArgumentParser(prog="mm-llama", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "train": (
+            "train projectors / LoRA from a YAML config",
+            train_cli.add_train_args,
+            train_cli.run_train,
+        ),
+        "chat": ("ask a trained model about media files", _add_chat_args, _run_chat),
+        "eval": (
+            "evaluate on a benchmark with the official metric",
+            eval_cli.add_eval_args,
+            eval_cli.run_eval,
+        ),
+        "toyworld": ("generate the toy multimodal world", toyworld.add_toyworld_args, toyworld.run_toyworld),
+        "cache-features": (
+            "precompute frozen encoder outputs",
+            train_cli.add_cache_args,
+            train_cli.run_cache_features,
+        ),
+        "export": ("write a self-contained checkpoint", _add_export_args, _run_export),
+    }
+    for name, (help_text, add_args, run) in commands.items():
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
