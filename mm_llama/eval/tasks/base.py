@@ -1,0 +1,93 @@
+"""The benchmark contract: a task turns local files into prompts and scores the model's answers.
+
+A :class:`Task` is built from a data path (a file or folder on disk) and an optional media root. Its
+``load()`` yields :class:`Sample` s: a unique question id, the user prompt with media markers
+(``<image>``, ``<audio>``, ...) and the standard answer-format suffix, the media items for those markers
+in order, and the reference answers. ``score()`` gets back :class:`Prediction` s (the lines of
+``predictions.jsonl``: prompt, model output, references, metadata), so scoring never re-reads the data
+and a resumed run scores exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+QuestionId = int | str
+# A path, encoded bytes, a PIL image, a numpy array or a tensor: whatever model.generate accepts.
+MediaItem = Any
+
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
+MODALITIES: tuple[str, ...] = ("image", "audio", "video", "imu")
+
+
+@dataclass
+class Sample:
+    """One question to ask: ``media[m]`` holds the items for the ``<m>`` markers of ``prompt``, in order."""
+
+    question_id: QuestionId
+    prompt: str
+    answers: list[str]
+    media: dict[str, list[MediaItem]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """One answered question, as stored in ``predictions.jsonl``; ``meta`` must be JSON-serialisable."""
+
+    question_id: QuestionId
+    prompt: str
+    prediction: str
+    answers: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any], where: str) -> Prediction:
+        fields = ("question_id", "prompt", "prediction", "answers", "meta")
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise ValueError(f"{where}: prediction record lacks {missing}; expected fields {list(fields)}")
+        return cls(**{name: record[name] for name in fields})
+
+
+def question_prompt(question: str, markers: Sequence[str], suffix: str | None) -> str:
+    """LLaVA's layout: one marker line per media item, the question, then the answer-format line."""
+    head = "".join(f"{m}\n" for m in markers)
+    return f"{head}{question}\n{suffix}" if suffix else f"{head}{question}"
+
+
+class Task(ABC):
+    """A benchmark on local files. Subclasses set ``name`` and ``max_new_tokens`` and implement the rest."""
+
+    name: ClassVar[str]
+    max_new_tokens: ClassVar[int]
+
+    def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
+        self.data = Path(data)
+        if not self.data.exists():
+            raise FileNotFoundError(f"{self.name}: data path does not exist: {self.data}")
+        self.media_root = Path(media_root) if media_root is not None else None
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """How many samples ``load()`` yields (cheap: no media is read)."""
+
+    @abstractmethod
+    def load(self) -> Iterator[Sample]:
+        """Yield the samples in a fixed order, media read lazily one sample at a time."""
+
+    @abstractmethod
+    def score(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
+        """Metrics over the given predictions (percentages in [0, 100] unless the key says otherwise)."""
+
+    def results_files(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
+        """Files for an official evaluation server or script: relative name -> JSON object or text."""
+        return {}

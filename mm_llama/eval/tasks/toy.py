@@ -1,0 +1,99 @@
+"""The toy world: a LLaVA-format JSON list over all modalities (see ``mm_llama.data.toyworld``).
+
+Each record has ``id``, optional ``image`` / ``audio`` / ``video`` / ``imu`` keys holding a path (or a
+list of paths) relative to the JSON's folder, ``conversations`` whose first human turn is the prompt
+(``"<image>\\nWhat colour is the circle?"``), and ``question_type`` / ``answer`` (plus ``choices``). The
+reference is ``answer``, else the first gpt turn. The prompt is used as written: the toy world's answer
+style is learned in training, so no suffix is added.
+
+Scoring: exact match after lower-casing and stripping end punctuation, overall, per question type (with
+the chance level ``1 / len(choices)`` where choices are given) and per modality.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mm_llama.eval.metrics import exact_match
+from mm_llama.eval.readers import check_file, read_json, require_fields
+from mm_llama.eval.tasks.base import MODALITIES, Prediction, Sample, Task
+
+
+def _percent(hits: Sequence[bool]) -> float:
+    return 100.0 * sum(hits) / len(hits) if hits else 0.0
+
+
+class ToyWorldTask(Task):
+    """Questions from a toy-world ``instruct_{split}.json`` (or any LLaVA-format list with answers)."""
+
+    name = "toy"
+    max_new_tokens = 32
+
+    def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
+        super().__init__(data, media_root)
+        records = read_json(self.data)
+        if not isinstance(records, list):
+            raise ValueError(f"{self.data}: expected a JSON list of LLaVA-format records")
+        for i, record in enumerate(records):
+            require_fields(record, ["id", "conversations"], f"{self.data} record {i}")
+        self._records = records
+        self._root = self.media_root or self.data.parent
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def load(self) -> Iterator[Sample]:
+        for record in self._records:
+            where = f"{self.data} record {record['id']!r}"
+            turns = record["conversations"]
+            human = next((t["value"] for t in turns if t.get("from") == "human"), None)
+            gpt = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+            if human is None:
+                raise ValueError(f"{where}: no human turn in 'conversations'")
+            answer = record.get("answer", gpt)
+            if answer is None:
+                raise ValueError(f"{where}: no 'answer' field and no gpt turn to take the reference from")
+            media: dict[str, list[str]] = {}
+            for modality in MODALITIES:
+                if modality in record:
+                    paths = record[modality] if isinstance(record[modality], list) else [record[modality]]
+                    media[modality] = [str(check_file(self._root / p, f"{where} {modality}")) for p in paths]
+            yield Sample(
+                question_id=record["id"],
+                prompt=human,
+                answers=[str(answer)],
+                media=media,
+                meta={
+                    "question_type": record.get("question_type"),
+                    "modalities": sorted(media),
+                    "choices": record.get("choices"),
+                },
+            )
+
+    def score(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
+        """Accuracy (%) overall, per question type (with chance %) and per modality."""
+        hits = [exact_match(p.prediction, p.answers[0]) for p in predictions]
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        by_modality: dict[str, list[bool]] = defaultdict(list)
+        chance: dict[str, float] = {}
+        for p, hit in zip(predictions, hits):
+            qtype = str(p.meta.get("question_type"))
+            by_type[qtype].append(hit)
+            for modality in p.meta.get("modalities") or ["text"]:
+                by_modality[modality].append(hit)
+            if p.meta.get("choices"):
+                chance[qtype] = 100.0 / len(p.meta["choices"])
+        per_type: dict[str, dict[str, float]] = {}
+        for qtype, type_hits in sorted(by_type.items()):
+            per_type[qtype] = {"accuracy": _percent(type_hits)}
+            if qtype in chance:
+                per_type[qtype]["chance"] = chance[qtype]
+        return {
+            "accuracy": _percent(hits),
+            "per_question_type": per_type,
+            "per_modality": {m: _percent(v) for m, v in sorted(by_modality.items())},
+            "scored": len(hits),
+        }
