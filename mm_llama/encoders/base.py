@@ -69,6 +69,11 @@ class ModalityEncoder(nn.Module, ABC):
         with torch.device("meta"):
             return int(self.forward(x.to("meta").unsqueeze(0)).shape[1])
 
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (or unfreeze) the encoder. Encoders that put new learned parts on top of a pretrained
+        backbone (e.g. a video encoder's temporal embedding) override this to freeze the backbone only."""
+        self.requires_grad_(not frozen)
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():
@@ -106,5 +111,5 @@ def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:
     options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
     encoder = cls(options)
     freeze = cfg.freeze if cfg.freeze is not None else encoder.is_pretrained
-    encoder.requires_grad_(not freeze)
+    encoder.set_frozen(freeze)
     return encoder
