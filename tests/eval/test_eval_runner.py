@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,9 @@ import pytest
 from eval_fixtures import write_toy_world, write_vqav2_official
 from PIL import Image
 
+from mm_llama import MultimodalLM
 from mm_llama.eval import Prediction, Sample, Task, evaluate
+from mm_llama.eval.cli import add_eval_args, run_eval
 from mm_llama.eval.runner import PREDICTIONS_FILE
 
 # Answers of the fake model by question text; see test_vqav2_official_json for why they score 98%.
@@ -173,41 +176,59 @@ def test_task_object_with_data_is_rejected(tmp_path: Path) -> None:
         evaluate(FakeModel({}), _OneQuestion(tmp_path), data=tmp_path, progress=False)
 
 
-def test_real_tiny_model_on_three_toy_questions(tmp_path: Path, tiny_model: Any) -> None:
-    """The runner drives the real MultimodalLM (random tiny weights): batched, saved, resumable."""
-    root = tmp_path / "toy"
+def write_color_questions(root: Path, n: int) -> Path:
+    """A toy-world JSON of ``n`` image questions with 32x32 solid-colour PNGs."""
     (root / "images").mkdir(parents=True)
     records = []
-    for i, color in enumerate([(220, 40, 40), (40, 170, 60), (40, 80, 220)]):
-        Image.new("RGB", (32, 32), color).save(root / "images" / f"{i}.png")
+    for i in range(n):
+        Image.new("RGB", (32, 32), (40 * i, 170, 60)).save(root / "images" / f"{i}.png")
         records.append(
             {
                 "id": f"q{i}",
                 "image": f"images/{i}.png",
                 "conversations": [
                     {"from": "human", "value": "<image>\nWhat colour is the square?"},
-                    {"from": "gpt", "value": "red"},
+                    {"from": "gpt", "value": "green"},
                 ],
                 "question_type": "image_color",
-                "answer": "red",
+                "answer": "green",
             }
         )
-    (root / "instruct_test.json").write_text(json.dumps(records))
+    path = root / "instruct_test.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_real_tiny_model_on_three_toy_questions(tmp_path: Path, tiny_model: MultimodalLM) -> None:
+    """The runner drives the real MultimodalLM (random tiny weights): batched, saved, resumable."""
+    data = write_color_questions(tmp_path / "toy", 3)
     out = tmp_path / "out"
     metrics = evaluate(
-        tiny_model,
-        "toy",
-        root / "instruct_test.json",
-        output_dir=out,
-        batch_size=2,
-        max_new_tokens=3,
-        progress=False,
+        tiny_model, "toy", data, output_dir=out, batch_size=2, max_new_tokens=3, progress=False
     )
     assert metrics["num_questions"] == 3 and 0.0 <= metrics["accuracy"] <= 100.0
     lines = [json.loads(line) for line in (out / PREDICTIONS_FILE).read_text().splitlines()]
     assert [line["question_id"] for line in lines] == ["q0", "q1", "q2"]
     assert all(isinstance(line["prediction"], str) for line in lines)
-    rerun = evaluate(
-        tiny_model, "toy", root / "instruct_test.json", output_dir=out, max_new_tokens=3, progress=False
-    )
+    rerun = evaluate(tiny_model, "toy", data, output_dir=out, max_new_tokens=3, progress=False)
     assert rerun == metrics
+
+
+def test_cli_eval_on_a_saved_checkpoint(
+    tmp_path: Path, tiny_model: MultimodalLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The eval subcommand (add_eval_args + run_eval) loads the checkpoint, writes files, prints a table."""
+    tiny_model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    data = write_color_questions(tmp_path / "toy", 3)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_eval_args(parser)
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--task", "toy", "--data", str(data)]
+    run_eval(
+        parser.parse_args(
+            [*args, "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2", "--output", str(out)]
+        )
+    )
+    printed = capsys.readouterr().out
+    assert "toy: 2 questions" in printed and "| accuracy |" in printed
+    assert json.loads((out / "metrics.json").read_text())["num_questions"] == 2

@@ -110,7 +110,14 @@ class MMBenchTask(Task):
             if any(_is_missing(o) for o in options):
                 raise ValueError(f"{where}: options must be filled from A on without gaps, got {options}")
             answer = row.get("answer")
-            gold = None if _is_missing(answer) else OPTION_LETTERS.index(str(answer).strip())
+            gold = None
+            if not _is_missing(answer):
+                if str(answer).strip() not in OPTION_LETTERS[:num_options]:
+                    raise ValueError(
+                        f"{where}: answer {answer!r} is not one of the option letters "
+                        f"{list(OPTION_LETTERS[:num_options])}"
+                    )
+                gold = OPTION_LETTERS.index(str(answer).strip())
             question = row["question"] if _is_missing(row["hint"]) else f"{row['hint']}\n{row['question']}"
             image = image_item(row["image"], where)
             for shift in range(num_options if self.circular else 1):
