@@ -67,6 +67,19 @@ def test_vqav2_official_json(tmp_path: Path) -> None:
     assert results[3] == {"question_id": 4, "answer": "1000"}
 
 
+def test_vqav2_official_folder_layout(tmp_path: Path) -> None:
+    """The VQA repo's layout: Questions/ and Annotations/ side by side, images given as media_root."""
+    flat = write_vqav2_official(tmp_path / "flat")
+    (tmp_path / "Questions").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    questions = flat.rename(tmp_path / "Questions" / flat.name)
+    (flat.parent / "v2_mscoco_val2014_annotations.json").rename(
+        tmp_path / "Annotations" / "v2_mscoco_val2014_annotations.json"
+    )
+    task = get_task("vqav2", questions, media_root=flat.parent / "val2014")
+    assert [len(s.answers) for s in task.load()] == [10] * 5
+
+
 def test_vqav2_test_dev_without_annotations(tmp_path: Path) -> None:
     task = get_task("vqav2", write_vqav2_official(tmp_path, with_annotations=False))
     samples = list(task.load())

@@ -3,7 +3,8 @@
 Layouts read (``data`` is a file or folder):
 
 - VQAv2, official: the questions JSON (``v2_OpenEnded_mscoco_val2014_questions.json``); the annotations
-  (``v2_mscoco_val2014_annotations.json``) are picked up beside it when present (none for test-dev);
+  (``v2_mscoco_val2014_annotations.json``) are picked up beside it or in the official layout's
+  ``../Annotations/`` folder when present (none for test-dev);
   images ``COCO_val2014_000000000042.jpg`` under ``media_root`` (default: the ``val2014/`` folder beside
   the JSON; ``test2015/`` for the test splits).
 - GQA, official: ``testdev_balanced_questions.json`` (``{question_id: {imageId, question, answer, ...}}``)
@@ -70,8 +71,10 @@ class VQAv2Task(Task):
         subtype = str(doc.get("data_subtype", "val2014"))
         image_subtype = "test2015" if subtype.startswith("test") else subtype
         annotations: dict[int, dict[str, Any]] = {}
-        ann_path = self.data.parent / f"v2_mscoco_{subtype}_annotations.json"
-        if ann_path.is_file():
+        ann_name = f"v2_mscoco_{subtype}_annotations.json"
+        candidates = [self.data.parent / ann_name, self.data.parent.parent / "Annotations" / ann_name]
+        ann_path = next((c for c in candidates if c.is_file()), None)
+        if ann_path is not None:
             ann_doc = read_json(ann_path)
             if not isinstance(ann_doc, dict) or "annotations" not in ann_doc:
                 raise ValueError(f"{ann_path}: expected the official VQAv2 annotations JSON")
