@@ -10,7 +10,8 @@ accel x, y, z, gyro x, y, z); ``channels`` configures another count. Readers:
   between 5 Hz and 5 kHz.
 - NPY: a (T, C) or (C, T) array. NPZ: the array under ``imu`` / ``data`` / ``values`` / ``x`` (or the only
   array), optional ``timestamps`` and ``sample_rate`` entries.
-- Numpy arrays and tensors (T, C) or (C, T), taken to be at the encoder's rate; ``(array, rate)`` tuples.
+- Numpy arrays and tensors (T, C) or (C, T), taken to be at ``input_rate`` when it is set, else at the
+  encoder's rate; ``(array, rate)`` tuples at any rate.
 
 Files without timestamps need a declared rate (option ``input_rate`` or an NPZ ``sample_rate``).
 Recordings are resampled to the encoder's rate by linear interpolation on their timestamps, normalized
@@ -126,7 +127,8 @@ def load_imu(
             f"IMU {name}: no sample rate: the file has no timestamp column and no rate was declared; add a "
             "'timestamp' column, or set the encoder option input_rate (Hz)"
         )
-    resampled = values.T if rec.rate == sample_rate else _resample(values, seconds, sample_rate)  # (C, T)
+    at_rate = rec.timestamps is None and rec.rate == sample_rate
+    resampled = values.T if at_rate else _resample(values, seconds, sample_rate)  # (C, T)
     if resampled.shape[1] < min_samples:
         raise ValueError(
             f"IMU {name}: too few samples: {resampled.shape[1]} at {sample_rate:g} Hz "
@@ -320,7 +322,8 @@ class IMUOptions:
     min_samples: int = DEFAULT_MIN_SAMPLES
     """Recordings shorter than this (after resampling) raise instead of being padded."""
     weights: str | None = None
-    """A safetensors file of this encoder's ``state_dict``; the encoder then counts as pretrained."""
+    """A safetensors file of this encoder's ``state_dict`` (e.g. ``encoders/imu.safetensors`` of a saved
+    model); the encoder then counts as pretrained (frozen by default)."""
 
 
 class IMUEncoder(ModalityEncoder):
