@@ -20,6 +20,10 @@ Temporal aggregation (``forward``) of the frame features (B, F, N, D):
 - ``mean``: the mean over frames, N tokens.
 - ``pool``: the ``keep`` tokens average-pooled (adaptive, 1-D, in frame-major order) to
   ``pooled_tokens``.
+
+Bad inputs raise ``ValueError`` naming the file: unreadable or corrupt data, no video stream, no
+decodable frames, or clearly fewer frames than the header declares (a truncated file).
+
 The temporal embedding is new, random and learned: freezing the encoder (``encoder.freeze``, which
 defaults to frozen for a pretrained frame backbone) freezes the frame backbone only.
 """
@@ -50,6 +54,8 @@ DEFAULT_FPS = 1.0
 DEFAULT_POOLED_TOKENS = 64
 TEMPORAL_INIT_STD = 0.02
 FRAME_CHANNELS = (1, 3, 4)
+TRUNCATION_SLACK = 0.05
+"""A file may hold this fraction of frames fewer than its header declares before it counts as truncated."""
 
 FrameChooser = Callable[[int, float | None, str], list[int]]
 """(frame count, native frame rate or None, name for errors) -> the frame indices to keep."""
@@ -103,43 +109,81 @@ def _frame_array(item: np.ndarray | torch.Tensor) -> np.ndarray:
     return frames
 
 
-def _open(item: Any) -> tuple[av.container.InputContainer, str]:
-    """Open a path or bytes with PyAV; the name is for error messages."""
+def _source(item: Any) -> tuple[str | bytes, str]:
+    """A path (opened by FFmpeg itself) or the bytes of a bytes / file-object input, and a name for errors."""
     if isinstance(item, (str, Path)):
         path = Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"video file not found: {path}")
-        source, name = str(path), str(path)
-    else:
-        data, name = read_bytes(item, "video")
-        source = io.BytesIO(data)
+        return str(path), str(path)
+    return read_bytes(item, "video")
+
+
+def _open(source: str | bytes, name: str) -> av.container.InputContainer:
     try:
-        return av.open(source), name
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (av.FFmpegError, OSError) as e:
         raise ValueError(f"cannot open video {name}: not a readable video file ({e})") from e
 
 
-def _decode(item: Any, choose: FrameChooser) -> np.ndarray:
-    """Decode the frames that ``choose(total, native_fps) -> indices`` picks: (F, H, W, 3) uint8.
+def _declared_frames(container: av.container.InputContainer, rate: float | None) -> int | None:
+    """The frame count the file's header declares (or its duration implies), when it says."""
+    stream = container.streams.video[0]
+    if stream.frames:
+        return int(stream.frames)
+    if rate is None:
+        return None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:
+        seconds = container.duration / av.time_base
+    else:
+        return None
+    return round(seconds * rate)
 
-    The frame count comes from demuxing (what the file holds, not what its header claims); a stream
-    that decodes fewer frames than it holds packets repeats its last decoded frame for the rest."""
-    container, name = _open(item)
+
+def _probe(source: str | bytes, name: str) -> tuple[int, float | None]:
+    """(frames the file holds, by demuxing; the stream's average frame rate or None).
+
+    Raises ``ValueError`` for a file without a video stream or frames, or one that holds clearly fewer
+    frames than its header declares (a truncated file)."""
+    container = _open(source, name)
     try:
         if not container.streams.video:
             raise ValueError(f"video {name} has no video stream (streams: {list(container.streams)})")
         stream = container.streams.video[0]
         total = sum(1 for packet in container.demux(stream) if packet.size)
-        if total == 0:
-            raise ValueError(f"video {name} has no decodable frames (its video stream is empty)")
-        rate = stream.average_rate or stream.guessed_rate
-        indices = choose(total, float(rate) if rate else None, name)
-        wanted, stop = set(indices), max(indices)
-        container.seek(0)
-        kept: dict[int, np.ndarray] = {}
-        last: av.VideoFrame | None = None
-        decoded = 0
-        for i, frame in enumerate(container.decode(stream)):
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        declared = _declared_frames(container, rate)
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot read video {name}: corrupt or truncated ({e})") from e
+    finally:
+        container.close()
+    if total == 0:
+        raise ValueError(f"video {name} has no decodable frames (its video stream is empty)")
+    if declared and total < declared - max(1.0, TRUNCATION_SLACK * declared):
+        raise ValueError(
+            f"video {name} is truncated or damaged: its header declares {declared} frames but only "
+            f"{total} are present"
+        )
+    return total, rate
+
+
+def _decode(item: Any, choose: FrameChooser) -> np.ndarray:
+    """Decode the frames that ``choose(total, native_fps, name) -> indices`` picks: (F, H, W, 3) uint8.
+
+    The frame count comes from demuxing (what the file holds, not what its header claims); when the
+    decoder yields fewer frames than there are packets, the missing ones repeat the last decoded frame."""
+    source, name = _source(item)
+    total, rate = _probe(source, name)
+    indices = choose(total, rate, name)
+    wanted, stop = set(indices), max(indices)
+    kept: dict[int, np.ndarray] = {}
+    last: av.VideoFrame | None = None
+    decoded = 0
+    container = _open(source, name)
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
             last, decoded = frame, i + 1
             if i in wanted:
                 kept[i] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
