@@ -4,18 +4,32 @@ Inputs: a path, bytes, PIL image, numpy array (H, W, C) or tensor (C, H, W); eve
 PIL image and then goes through the backbone's own resizing and normalization. Feature selection
 follows LLaVA: take the hidden states of ``select_layer`` (-2: the penultimate layer) and drop the CLS
 token (``select_feature="patch"``) or keep it (``"cls_patch"``).
+
+``select_layer`` indexes the hidden states the LLaVA way, ``[embeddings, block 1, ..., block L]``:
+-1 is the last block's output, -2 the penultimate one, ``i`` (1..L) block ``i``'s. The OpenCLIP and timm
+backends read block outputs through their libraries' ``forward_intermediates``, so they offer blocks
+only (not index 0, the embeddings), and they never download anything: weights come from local files.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import json
+import pickle
+import tempfile
+from abc import abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import open_clip
+import timm
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from torch import nn
+from torch.func import functional_call
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
 
 from mm_llama.encoders.base import ModalityEncoder, read_bytes
@@ -24,6 +38,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+PROBE_SIDE = 64
+"""Side of the blank image pushed through a backbone's transform to learn its input size at start-up."""
+OPEN_CLIP_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+"""Keys every open_clip model config holds (see open_clip's ``model_configs/*.json``)."""
+CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError)
+"""What torch / safetensors raise on a checkpoint file that is corrupt or does not fit the model."""
 
 SelectFeature = Literal["patch", "cls_patch"]
 Aspect = Literal["crop", "pad"]
@@ -166,3 +186,319 @@ def _default_processor(vision_config: Any) -> CLIPImageProcessor:
         image_mean=list(SIGLIP_MEAN if siglip else OPENAI_CLIP_MEAN),
         image_std=list(SIGLIP_STD if siglip else OPENAI_CLIP_STD),
     )
+
+
+# ---- OpenCLIP and timm backbones ------------------------------------------------------------------------
+Intermediate = tuple[torch.Tensor, torch.Tensor | None]
+"""One block's output: the spatial map (B, C, H', W') and the prefix tokens (B, P, C) when asked for."""
+
+
+class _MethodCall(nn.Module):
+    """Calls ``module.<method>``, so that ``functional_call`` can run any method with swapped weights."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, self.method)(*args, **kwargs)
+
+
+def meta_call(module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``module.<method>(*args)`` in eval mode with every parameter and buffer on the meta device:
+    output shapes without any compute or memory. Tensor arguments must be on the meta device too."""
+    wrapper = _MethodCall(module, method)
+    state = {name: t.to("meta") for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # batch norm refuses a batch of one in training mode
+    try:
+        return functional_call(wrapper, state, args, kwargs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def block_index(select_layer: int, num_blocks: int, where: str) -> int:
+    """LLaVA's hidden-state index (``[embeddings, block 1, ..., block L]``) -> a 0-based block index."""
+    block = num_blocks + select_layer if select_layer < 0 else select_layer - 1
+    if not 0 <= block < num_blocks:
+        raise ValueError(
+            f"{where}: options.select_layer={select_layer} is out of range for a backbone with {num_blocks} "
+            f"blocks: use -1..-{num_blocks} (from the last block) or 1..{num_blocks}; 0 (the patch embeddings) "
+            "is not available in this backend"
+        )
+    return block
+
+
+def local_checkpoint(value: str, field_name: str, where: str) -> str:
+    """The absolute path of an existing local weights file; anything else raises (nothing is downloaded)."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "nothing"
+        raise FileNotFoundError(
+            f"{where}: options.{field_name} must be an existing local weights file, found {found} at {path}; "
+            "this encoder never downloads weights (hub tags and ids are not accepted)"
+        )
+    return str(path.resolve())
+
+
+def reject_remote_name(model_name: str, where: str) -> None:
+    """Refuse schema names (``hf-hub:...``, ``local-dir:...``): the encoders take an architecture name and,
+    for weights, a local file, so that nothing is ever fetched."""
+    if ":" in model_name:
+        raise ValueError(
+            f"{where}: options.model_name must be a plain architecture name, got {model_name!r}; schema "
+            "prefixes such as 'hf-hub:' are not accepted: give the weights as a local file (this encoder "
+            "never downloads anything)"
+        )
+
+
+def has_cls_token(backbone: nn.Module) -> bool:
+    """Whether a ViT-style backbone prepends a CLS token (timm: ``cls_token``; OpenCLIP: ``class_embedding``)."""
+    return getattr(backbone, "cls_token", None) is not None or hasattr(backbone, "class_embedding")
+
+
+class IntermediatesEncoder(ModalityEncoder):
+    """Shared body of the ``open_clip`` and ``timm`` encoders.
+
+    A subclass builds ``self.backbone``, ``self.transform`` (PIL image -> (3, H, W), the library's eval
+    transform) and implements ``_take`` on top of its library's ``forward_intermediates``; then it calls
+    ``_setup``, which counts the blocks and sizes the output with a shape-only (meta device) pass.
+    """
+
+    modality = "image"
+
+    def _setup(self, has_cls: bool, pretrained: bool, where: str) -> None:
+        self._pretrained = pretrained
+        self._keep_cls = self.options.select_feature == "cls_patch"
+        if self._keep_cls and not has_cls:
+            raise ValueError(
+                f"{where}: {self.options.model_name!r} has no CLS token, so options.select_feature must be "
+                "'patch', got 'cls_patch'"
+            )
+        probe = self.preprocess(Image.new("RGB", (PROBE_SIDE, PROBE_SIDE))).unsqueeze(0)  # (1, 3, H, W)
+        maps = meta_call(self, "_take", probe.to("meta"), None, False)
+        self._block = block_index(self.options.select_layer, len(maps), where)
+        self._output_dim = int(maps[self._block][0].shape[1])
+        self._num_tokens: dict[tuple[int, ...], int] = {}
+
+    @abstractmethod
+    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
+        """(B, 3, H, W) -> the outputs of blocks ``indices`` (all when None), with prefix tokens if asked."""
+
+    @property
+    def output_dim(self) -> int:
+        return self._output_dim
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self._pretrained
+
+    def preprocess(self, item: Any) -> torch.Tensor:
+        return self.transform(load_image(item))  # (3, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial, prefix = self._take(x.to(self.dtype), [self._block], self._keep_cls)[0]
+        tokens = spatial.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C), row-major patches
+        if self._keep_cls:
+            tokens = torch.cat([prefix[:, :1], tokens], dim=1)  # (B, 1 + H'W', C): CLS first, as in the ViT
+        return tokens
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        shape = tuple(x.shape)
+        if shape not in self._num_tokens:
+            self._num_tokens[shape] = int(meta_call(self, "forward", x.to("meta").unsqueeze(0)).shape[1])
+        return self._num_tokens[shape]
+
+
+@dataclass
+class OpenCLIPOptions:
+    """Options of the ``open_clip`` encoder (the vision tower of an OpenCLIP model)."""
+
+    model_name: str
+    """An OpenCLIP architecture (``open_clip.list_models()``, e.g. ``ViT-L-14-336``), or the name under which
+    ``model_config`` is registered."""
+    pretrained: str | None = None
+    """A local checkpoint file (``.safetensors``, ``.pt``, ``.bin``) of the whole OpenCLIP model; ``None``:
+    random weights. Never a pretrained tag: nothing is downloaded."""
+    pretrained_tag: str | None = None
+    """The open_clip tag that file was published under (``open_clip.list_pretrained_tags_by_model``), e.g.
+    ``openai`` or ``webli``: applies that tag's preprocessing (mean, std, interpolation, resize mode) and
+    QuickGELU from open_clip's table, which a bare file does not carry. ``None``: open_clip's defaults
+    (OpenAI CLIP's mean and std, GELU)."""
+    model_config: dict[str, Any] | None = None
+    """A custom architecture, registered with open_clip as ``model_name``: ``embed_dim``, ``vision_cfg``,
+    ``text_cfg`` as in open_clip's ``model_configs/*.json``. Its text tower is built (a checkpoint holds it)
+    and dropped."""
+    select_layer: int = -2
+    """Which block's output to take (LLaVA: -2, the penultimate block)."""
+    select_feature: SelectFeature = "patch"
+    """``patch``: drop the CLS token; ``cls_patch``: keep it (ViT towers only)."""
+
+
+def register_open_clip_config(name: str, config: dict[str, Any], where: str) -> None:
+    """Make ``config`` an open_clip architecture called ``name``; re-registering the same config is a no-op."""
+    missing = [k for k in OPEN_CLIP_CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(
+            f"{where}: options.model_config lacks {', '.join(missing)}; an open_clip model config holds "
+            f"{', '.join(OPEN_CLIP_CONFIG_KEYS)}"
+        )
+    config = json.loads(json.dumps(config))  # the form open_clip stores (tuples -> lists)
+    known = open_clip.get_model_config(name)
+    if known == config:
+        return
+    if known is not None:
+        raise ValueError(
+            f"{where}: open_clip already knows an architecture {name!r} with a different config; give "
+            "options.model_config a new options.model_name"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / f"{name}.json"
+        file.write_text(json.dumps(config))
+        open_clip.add_model_config(file)  # reads the file now; the registry keeps the config
+
+
+def open_clip_tag_settings(model_name: str, tag: str, where: str) -> dict[str, Any]:
+    """The ``create_model_and_transforms`` arguments an open_clip pretrained tag implies: its preprocessing
+    and QuickGELU, read from open_clip's table (nothing is downloaded)."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        raise ValueError(
+            f"{where}: options.pretrained_tag={tag!r} is not an open_clip tag of {model_name!r}; its tags: "
+            f"{open_clip.list_pretrained_tags_by_model(model_name)}"
+        )
+    return {
+        "image_mean": cfg.get("mean"),
+        "image_std": cfg.get("std"),
+        "image_interpolation": cfg.get("interpolation"),
+        "image_resize_mode": cfg.get("resize_mode"),
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+    }
+
+
+class OpenCLIPEncoder(IntermediatesEncoder):
+    """The vision tower of an OpenCLIP model (ViT, timm-based ViT such as SigLIP, or ModifiedResNet)."""
+
+    Options = OpenCLIPOptions
+
+    def __init__(self, options: OpenCLIPOptions) -> None:
+        super().__init__(options)
+        where = "open_clip encoder"
+        reject_remote_name(options.model_name, where)
+        if options.model_config is not None:
+            register_open_clip_config(options.model_name, options.model_config, where)
+        elif options.model_name not in open_clip.list_models():
+            raise ValueError(
+                f"{where}: unknown open_clip architecture {options.model_name!r}; see open_clip.list_models(), "
+                "or describe a custom one in options.model_config"
+            )
+        checkpoint = None
+        if options.pretrained is not None:
+            checkpoint = local_checkpoint(options.pretrained, "pretrained", where)
+        tag_settings: dict[str, Any] = {}
+        if options.pretrained_tag is not None:
+            tag_settings = open_clip_tag_settings(options.model_name, options.pretrained_tag, where)
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(
+                options.model_name, pretrained=checkpoint, pretrained_text=False, **tag_settings
+            )
+        except CHECKPOINT_ERRORS as e:
+            if checkpoint is None:
+                raise
+            raise ValueError(
+                f"{where}: cannot load {checkpoint} into open_clip {options.model_name!r} (expected a checkpoint "
+                f"of that whole model): {e}"
+            ) from e
+        self.backbone = model.visual
+        self.transform = transform
+        self._setup(
+            has_cls_token(getattr(self.backbone, "trunk", self.backbone)), checkpoint is not None, where
+        )
+
+    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
+        out = self.backbone.forward_intermediates(
+            x, indices=indices, stop_early=True, intermediates_only=True, output_extra_tokens=keep_cls
+        )
+        spatial = out["image_intermediates"]  # per block: (B, C, H', W')
+        prefix = out.get("image_intermediates_prefix", [None] * len(spatial))  # per block: (B, P, C)
+        return list(zip(spatial, prefix))
+
+
+@dataclass
+class TimmOptions:
+    """Options of the ``timm`` encoder (any timm backbone with ``forward_intermediates``)."""
+
+    model_name: str
+    """A timm model, optionally with a pretrained tag that picks its preprocessing config, e.g.
+    ``vit_large_patch14_clip_336.openai`` (``timm.list_models()``)."""
+    pretrained_file: str | None = None
+    """A local weights file (``.safetensors``, ``.pth``, ``.bin``) in timm's format for that model, classifier
+    head included when the model has one (set ``model_kwargs.num_classes`` to the file's head size; 0 for
+    none); ``None``: random weights. Nothing is downloaded."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``timm.create_model``, e.g. ``{"img_size": 32, "patch_size": 8, "depth": 2}``."""
+    select_layer: int = -2
+    """Which block's output to take (LLaVA: -2, the penultimate block)."""
+    select_feature: SelectFeature = "patch"
+    """``patch``: drop the CLS token (and any register tokens); ``cls_patch``: keep the CLS token."""
+
+
+class TimmEncoder(IntermediatesEncoder):
+    """A timm backbone (ViT, EVA, DeiT, ConvNeXt, ...) as an image encoder."""
+
+    Options = TimmOptions
+
+    def __init__(self, options: TimmOptions) -> None:
+        super().__init__(options)
+        where = "timm encoder"
+        reject_remote_name(options.model_name, where)
+        if not timm.is_model(options.model_name):
+            raise ValueError(f"{where}: unknown timm model {options.model_name!r}; see timm.list_models()")
+        kwargs = dict(options.model_kwargs)
+        overlay: dict[str, Any] = {}
+        if "img_size" in kwargs:  # keep the preprocessing config at the size the model is built for
+            size = kwargs["img_size"]
+            overlay["input_size"] = (3, *(size if isinstance(size, (list, tuple)) else (size, size)))
+        checkpoint = None
+        if options.pretrained_file is not None:
+            checkpoint = local_checkpoint(options.pretrained_file, "pretrained_file", where)
+            overlay["file"] = checkpoint
+            if "num_classes" in kwargs:  # timm loads strictly only when the file's head matches the model's
+                overlay["num_classes"] = kwargs["num_classes"]
+        try:
+            model = timm.create_model(
+                options.model_name,
+                pretrained=checkpoint is not None,
+                pretrained_cfg_overlay=overlay,
+                **kwargs,
+            )
+        except TypeError as e:
+            raise ValueError(f"{where}: options.model_kwargs do not fit {options.model_name!r}: {e}") from e
+        except CHECKPOINT_ERRORS as e:
+            if checkpoint is None:
+                raise
+            raise ValueError(
+                f"{where}: cannot load {checkpoint} into timm {options.model_name!r} with model_kwargs "
+                f"{options.model_kwargs}: {e}"
+            ) from e
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(
+                f"{where}: timm {options.model_name!r} has no forward_intermediates; pick another"
+            )
+        self.backbone = model
+        self.transform = timm.data.create_transform(
+            **timm.data.resolve_model_data_config(model), is_training=False
+        )
+        self._setup(has_cls_token(model), checkpoint is not None, where)
+
+    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
+        if not keep_cls:  # per block: (B, C, H', W')
+            maps = self.backbone.forward_intermediates(
+                x, indices=indices, stop_early=True, intermediates_only=True
+            )
+            return [(m, None) for m in maps]
+        return self.backbone.forward_intermediates(  # per block: ((B, C, H', W'), (B, P, C))
+            x, indices=indices, stop_early=True, intermediates_only=True, return_prefix_tokens=True
+        )
