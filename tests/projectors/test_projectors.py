@@ -196,7 +196,7 @@ def builtin(names: list[str], get: Callable[[str], type]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shared_llm() -> tuple[Any, Any]:
-    """One tiny LLM and tokenizer for the whole matrix (frozen: only the projector is checked)."""
+    """One tiny LLM and tokenizer for the whole matrix (frozen, like the encoders: the projector is checked)."""
     torch.manual_seed(SEED)
     tokenizer = load_tokenizer(tiny_llm_config())
     llm = load_llm(tiny_llm_config(), vocab_size=len(tokenizer))
@@ -221,7 +221,7 @@ def test_every_projector_with_every_encoder(
         llm=tiny_llm_config(),
         modalities={
             modality: ModalityConfig(
-                encoder=EncoderConfig(type=encoder, options=copy.deepcopy(options)),
+                encoder=EncoderConfig(type=encoder, options=copy.deepcopy(options), freeze=True),
                 projector=ProjectorConfig(type=projector, options=dict(TINY_PROJECTORS[projector])),
             )
         },
