@@ -112,10 +112,14 @@ class MultimodalLM(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     # ---- the forward pass ------------------------------------------------------------------------------
-    def encode(self, modality: str, items: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(
+        self, modality: str, items: Sequence[torch.Tensor], encoded: bool = False
+    ) -> list[torch.Tensor]:
         """Preprocessed items -> projected tokens, one (M_i, D_llm) tensor each, in input order.
 
-        Items of the same shape run as one batch; variable-size inputs run in groups."""
+        Items of the same shape run as one batch; variable-size inputs run in groups. With
+        ``encoded=True`` the items are precomputed encoder outputs (N_i, D_enc) (a feature cache) and
+        only the projector runs."""
         encoder: ModalityEncoder = self.encoders[modality]
         projector: Projector = self.projectors[modality]
         out: list[torch.Tensor | None] = [None] * len(items)
@@ -124,7 +128,7 @@ class MultimodalLM(nn.Module):
             groups.setdefault(tuple(x.shape), []).append(i)
         for indices in groups.values():
             batch = torch.stack([items[i] for i in indices]).to(encoder.device)  # (B, ...)
-            features = encoder(batch)  # (B, N, D_enc)
+            features = batch if encoded else encoder(batch)  # (B, N, D_enc)
             proj_dtype = next(projector.parameters()).dtype
             tokens = projector(features.to(proj_dtype))  # (B, M, D_llm)
             for j, i in enumerate(indices):
@@ -132,10 +136,16 @@ class MultimodalLM(nn.Module):
         return out  # type: ignore[return-value]
 
     def embed(
-        self, input_ids: torch.Tensor, media: dict[str, Sequence[torch.Tensor]] | None = None
+        self,
+        input_ids: torch.Tensor,
+        media: dict[str, Sequence[torch.Tensor]] | None = None,
+        features: dict[str, Sequence[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """(B, T) ids with placeholders -> (B, T, D) input embeddings with the media tokens scattered in."""
+        """(B, T) ids with placeholders -> (B, T, D) input embeddings with the media tokens scattered in.
+
+        ``features`` gives precomputed (N, D_enc) encoder outputs instead of ``media`` for a modality."""
         media = media or {}
+        features = features or {}
         embedding = self.llm.get_input_embeddings()
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for pid in self._placeholder_ids.values():
@@ -144,8 +154,14 @@ class MultimodalLM(nn.Module):
         for name, pid in self._placeholder_ids.items():
             slots = input_ids == pid  # (B, T)
             n_slots = int(slots.sum())
-            items = media.get(name, [])
-            tokens = torch.cat(self.encode(name, items)) if items else embeds.new_zeros((0, embeds.shape[-1]))
+            if name in media and name in features:
+                raise ValueError(f"{name} inputs given twice: as media and as precomputed features")
+            items = features.get(name) or media.get(name, [])
+            tokens = (
+                torch.cat(self.encode(name, items, name in features))
+                if items
+                else embeds.new_zeros((0, embeds.shape[-1]))
+            )
             if n_slots != tokens.shape[0]:
                 raise ValueError(
                     f"{name} placeholder count mismatch: the input ids hold {n_slots} <{name}> placeholder "
@@ -162,12 +178,14 @@ class MultimodalLM(nn.Module):
         labels: torch.Tensor | None = None,
         media: dict[str, Sequence[torch.Tensor]] | None = None,
         return_logits: bool = False,
+        features: dict[str, Sequence[torch.Tensor]] | None = None,
     ) -> MultimodalOutput:
         """Run the model. ``labels`` (B, T) uses -100 for unsupervised positions; the loss is the mean
-        next-token cross-entropy over supervised ones."""
+        next-token cross-entropy over supervised ones. ``features`` replaces ``media`` for modalities
+        whose encoder outputs were precomputed (see ``mm_llama.data.feature_cache``)."""
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
-        embeds = self.embed(input_ids, media)
+        embeds = self.embed(input_ids, media, features)
         decoder = self.llm.get_decoder()
         hidden = decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False

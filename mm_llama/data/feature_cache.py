@@ -1,0 +1,245 @@
+"""Feature cache: frozen encoders' outputs computed once, read back instead of running the encoder.
+
+Stage 1 trains only projectors (and encoders built from scratch), so a frozen encoder produces the
+same features every epoch; caching them removes media decoding and the encoder's forward pass from
+the training loop. Layout of a cache folder::
+
+    index.json                                  {"version", "encoders": {identity: {...}},
+                                                 "entries": {identity: {media path: [shard, key]}}}
+    <modality>-<identity>-00000.safetensors     (N, D_enc) tensors keyed "0", "1", ...
+
+Entries are keyed by the media file's absolute path and by the encoder's identity: a hash of its
+class, options and weights, so a different checkpoint or setting never reads stale features. Caching
+is incremental (only missing entries are computed) and the index is rewritten atomically after each
+shard, so an interrupted run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from mm_llama.data.dataset import ConversationDataset
+from mm_llama.llm import DTYPES
+from mm_llama.model import MultimodalLM
+from mm_llama.processor import MultimodalProcessor
+from mm_llama.projectors.base import Projector
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+INDEX_VERSION = 1
+SHARD_BYTES = 1 << 30
+"""Start a new shard once the current one holds this many bytes of features."""
+DEFAULT_BATCH_SIZE = 32
+IDENTITY_CHARS = 16
+
+
+def encoder_identity(model: MultimodalLM, modality: str) -> str:
+    """Hash of the encoder's registry type, class, options and weights (hex, ``IDENTITY_CHARS`` long)."""
+    encoder = model.encoders[modality]
+    h = hashlib.sha256()
+    options = dataclasses.asdict(encoder.options) if dataclasses.is_dataclass(encoder.options) else {}
+    spec = {
+        "type": model.config.modalities[modality].encoder.type,
+        "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "options": options,
+    }
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:IDENTITY_CHARS]
+
+
+class FeatureCache:
+    """Read access to a cache folder; shards open lazily (memory-mapped) in each process."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX_FILE
+        if index_path.is_file():
+            self.index = json.loads(index_path.read_text())
+            if self.index.get("version") != INDEX_VERSION:
+                raise ValueError(
+                    f"{index_path}: feature cache version {self.index.get('version')!r}, expected "
+                    f"{INDEX_VERSION}; delete the folder to rebuild it"
+                )
+        else:
+            self.index = {"version": INDEX_VERSION, "encoders": {}, "entries": {}}
+        self._handles: dict[str, Any] = {}
+
+    def entries(self, identity: str) -> dict[str, list[str]]:
+        return self.index["entries"].get(identity, {})
+
+    def get(self, identity: str, path: str | Path) -> torch.Tensor:
+        """The (N, D_enc) features of one media file."""
+        key = str(Path(path).resolve())
+        entry = self.entries(identity).get(key)
+        if entry is None:
+            raise KeyError(
+                f"feature cache {self.directory}: no features for {key} from encoder {identity}; "
+                "run `mm-llama cache-features` for this data (or delete the cache to rebuild it)"
+            )
+        shard, name = entry
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def write_index(self) -> None:
+        """Atomically replace ``index.json`` with the in-memory index."""
+        tmp = self.directory / f".{INDEX_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.index))
+        os.replace(tmp, self.directory / INDEX_FILE)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open shards themselves: file handles do not cross processes.
+        return {**self.__dict__, "_handles": {}}
+
+
+class CachedFeatures:
+    """A processor media handler that reads features instead of preprocessing: path -> ((N, D_enc), M)."""
+
+    def __init__(self, cache: FeatureCache, identity: str, projector: Projector) -> None:
+        self.cache, self.identity, self.projector = cache, identity, projector
+
+    def __call__(self, item: Any) -> tuple[torch.Tensor, int]:
+        if not isinstance(item, (str, Path)):
+            raise TypeError(f"the feature cache is keyed by media paths, got a {type(item).__name__}")
+        features = self.cache.get(self.identity, item)  # (N, D_enc)
+        return features, self.projector.num_tokens(int(features.shape[0]))
+
+
+def frozen_modalities(model: MultimodalLM) -> list[str]:
+    """Modalities whose encoder has no trainable parameter (their features can be cached)."""
+    return [m for m, enc in model.encoders.items() if not any(p.requires_grad for p in enc.parameters())]
+
+
+def cache_features(
+    model: MultimodalLM,
+    files: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    modalities: Sequence[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    dtype: str | None = None,
+) -> FeatureCache:
+    """Encode every media file referenced by ``files`` with the frozen encoders and store the features.
+
+    ``modalities`` defaults to those whose encoder is frozen; ``dtype`` (``float32``, ``bfloat16``,
+    ``float16``) defaults to the encoder's output dtype. Already cached entries are skipped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = FeatureCache(out_dir)
+    names = list(modalities) if modalities is not None else frozen_modalities(model)
+    for m in names:
+        if m not in model.encoders:
+            raise ValueError(f"cache_features: the model has no {m} encoder (it has {list(model.encoders)})")
+        if any(p.requires_grad for p in model.encoders[m].parameters()):
+            raise ValueError(
+                f"cache_features: the {m} encoder is trainable, so its features change during training; "
+                "freeze it (encoder.freeze: true) or leave it out of the cache"
+            )
+    dataset = ConversationDataset(files, model.processor, data_root=data_root)
+    wanted: dict[str, set[str]] = {m: set() for m in names}
+    for i in range(len(dataset)):
+        for m, paths in dataset.media(i).items():
+            if m in wanted:
+                wanted[m].update(paths)
+    for m in names:
+        _cache_modality(model, m, sorted(wanted[m]), cache, batch_size, dtype)
+    return cache
+
+
+@torch.no_grad()
+def _cache_modality(
+    model: MultimodalLM,
+    modality: str,
+    paths: list[str],
+    cache: FeatureCache,
+    batch_size: int,
+    dtype: str | None,
+) -> None:
+    encoder = model.encoders[modality]
+    identity = encoder_identity(model, modality)
+    done = cache.entries(identity)
+    todo = [p for p in paths if p not in done]
+    logger.info(
+        "feature cache %s: %s: %d cached, %d to compute", cache.directory, modality, len(done), len(todo)
+    )
+    if not todo:
+        return
+    out_dtype = DTYPES[dtype] if dtype is not None else None
+    cache.index["encoders"][identity] = {
+        "modality": modality,
+        "type": model.config.modalities[modality].encoder.type,
+        "output_dim": encoder.output_dim,
+    }
+    entries = cache.index["entries"].setdefault(identity, {})
+    prefix = f"{modality}-{identity}-"
+    shard_no = len([f for f in cache.directory.glob(f"{prefix}*.safetensors")])
+    pending: dict[str, torch.Tensor] = {}
+    pending_paths: list[str] = []
+    pending_bytes = 0
+    was_training = encoder.training
+    encoder.eval()
+
+    def flush() -> None:
+        nonlocal shard_no, pending, pending_paths, pending_bytes
+        shard = f"{prefix}{shard_no:05d}.safetensors"
+        save_file(pending, str(cache.directory / shard))
+        entries.update({p: [shard, str(k)] for k, p in enumerate(pending_paths)})
+        cache.write_index()
+        shard_no, pending, pending_paths, pending_bytes = shard_no + 1, {}, [], 0
+
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"caching {modality} features", unit="batch"):
+        chunk = todo[start : start + batch_size]
+        items = [encoder.preprocess(p) for p in chunk]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(items):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        features: list[torch.Tensor | None] = [None] * len(chunk)
+        for indices in groups.values():
+            batch = torch.stack([items[i] for i in indices]).to(encoder.device)  # (B, ...)
+            out = encoder(batch)  # (B, N, D_enc)
+            for j, i in enumerate(indices):
+                features[i] = out[j]
+        for path, f in zip(chunk, features):
+            f = (f.to(out_dtype) if out_dtype is not None else f).detach().cpu().contiguous()  # (N, D_enc)
+            pending[str(len(pending_paths))] = f
+            pending_paths.append(path)
+            pending_bytes += f.numel() * f.element_size()
+        if pending_bytes >= SHARD_BYTES:
+            flush()
+    if pending:
+        flush()
+    encoder.train(was_training)
+
+
+def cached_processor(
+    model: MultimodalLM, cache: FeatureCache, modalities: Sequence[str]
+) -> MultimodalProcessor:
+    """A copy of ``model.processor`` whose ``modalities`` read features from ``cache`` (by media path)
+    instead of preprocessing media; its examples carry (N, D_enc) features for those modalities."""
+    base = model.processor
+    handlers = dict(base.handlers)
+    for m in modalities:
+        handlers[m] = CachedFeatures(cache, encoder_identity(model, m), model.projectors[m])
+    return MultimodalProcessor(
+        base.tokenizer,
+        handlers,
+        template=base.template,
+        system_prompt=base.system_prompt,
+        max_length=base.max_length,
+    )

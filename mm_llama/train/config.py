@@ -1,0 +1,203 @@
+"""Training configuration: one ``TrainConfig`` holds the model and its named stages.
+
+A run is ``model`` + ``stages`` (in order, e.g. ``align`` then ``instruct``) + where to write. Each stage
+says which data it reads, which template renders it, what trains (projectors, encoders, the LLM as
+frozen / full / LoRA / QLoRA) and the optimisation hyperparameters. YAML layout::
+
+    output_dir: runs/llava15
+    seed: 42
+    model: {llm: {...}, modalities: {image: {encoder: {...}, projector: {...}}}}
+    stages:
+      align:    {data: [...], template: plain, llm: frozen, lr: 1.0e-3, batch_size: 256, ...}
+      instruct: {data: [...], template: chat,  llm: qlora, lr: 2.0e-4, projector_lr: 2.0e-5,
+                 init_from: align, lora: {r: 128, alpha: 256}, ...}
+
+Loading is strict (unknown fields, wrong types and values outside a ``Literal`` raise ``ValueError``
+naming the file and the dotted field); :func:`validate_train_config` also checks cross-field rules and
+that every encoder / projector type is registered with valid options, before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mm_llama.config import ModelConfig, Template, build_options, from_dict, read_mapping
+
+LLMMode = Literal["frozen", "full", "lora", "qlora"]
+EncoderMode = Literal["auto", "none", "all"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+LRSchedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (used when a stage's ``llm`` is ``lora`` or ``qlora``)."""
+
+    r: int = 64
+    """Rank of the low-rank update."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "all-linear"
+    """``all-linear``: every linear layer of the LLM except the output head (QLoRA's choice), or a list
+    of module-name suffixes such as ``[q_proj, v_proj]``."""
+
+
+@dataclass
+class StageConfig:
+    """One training stage: its data, what trains, and how."""
+
+    data: list[str]
+    """Conversation files (LLaVA JSON, JSON lines or parquet), relative to the working directory."""
+    data_root: str | None = None
+    """Folder that media paths in the records are relative to; ``None``: each data file's folder."""
+    template: Template = "chat"
+    """``plain`` (LLaVA stage 1: media then caption, nothing else) or ``chat`` (the tokenizer's template)."""
+    max_length: int | None = None
+    """Longest token sequence; ``None`` keeps ``model.max_length``."""
+    init_from: str | None = None
+    """Start from a saved model folder: the name of an earlier stage of this config (its output folder)
+    or a path. Its projectors and trained encoders are loaded (and a LoRA adapter, for LoRA stages)."""
+
+    train_projectors: bool = True
+    """Train the projectors (the point of stage 1)."""
+    train_encoders: EncoderMode = "auto"
+    """``auto``: as each encoder's ``freeze`` field says (encoders built from scratch train, pretrained ones
+    stay frozen); ``none``: all frozen; ``all``: all trainable."""
+    llm: LLMMode = "frozen"
+    """``frozen``; ``full`` fine-tuning; ``lora`` adapters; ``qlora``: the LLM loads in 4-bit NF4 with
+    double quantization and LoRA adapters train on top."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    lr: float = 2e-4
+    """Peak learning rate of the LLM (full or LoRA) and, unless set below, of projectors and encoders."""
+    projector_lr: float | None = None
+    """Peak learning rate of the projectors; ``None``: ``lr``."""
+    encoder_lr: float | None = None
+    """Peak learning rate of trainable encoders; ``None``: the projector learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (not to biases and norms)."""
+    lr_schedule: LRSchedule = "cosine"
+    """Decay after the linear warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed); ignored when ``max_steps`` is set."""
+    max_steps: int | None = None
+    """Number of optimizer steps; overrides ``epochs``."""
+    batch_size: int = 32
+    """Global batch: samples per optimizer step, over all processes and accumulation steps."""
+    micro_batch_size: int = 8
+    """Samples per forward pass on one process. Gradient accumulation steps =
+    ``batch_size / (micro_batch_size * num_processes)``, which must be a whole number."""
+    group_by_length: bool = True
+    """Batch samples of similar length together (less padding); the order stays seeded."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+
+    gradient_checkpointing: bool = False
+    """Recompute the LLM's activations in the backward pass (less memory, ~30% slower)."""
+    mixed_precision: MixedPrecision = "auto"
+    """Autocast: ``auto`` is bf16 on GPUs that support it, else fp16 on GPU, and fp32 on the CPU."""
+    feature_cache: str | None = None
+    """Folder of precomputed features of frozen encoders (built on first use; see
+    ``mm_llama.data.feature_cache``). Trainable encoders always run."""
+
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end or on a crash)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    log_every: int = 10
+    """Average the loss over N steps for TensorBoard and the progress bar."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run: the model, its stages in order, and where the results go."""
+
+    model: ModelConfig
+    stages: dict[str, StageConfig]
+    """Stage name -> settings, run in the order written (e.g. ``align`` then ``instruct``)."""
+    output_dir: str = "runs/mm_llama"
+    """Run folder: ``<output_dir>/<stage>/`` receives each stage's model, checkpoints and logs."""
+    seed: int = 0
+    """Seeds model initialisation, data order and dropout."""
+    resume: bool = True
+    """Continue each stage from its newest checkpoint when one exists (a finished stage resumes at its
+    end, so it is only re-saved)."""
+
+
+RUNTIME_FIELDS: frozenset[str] = frozenset({"save_every", "keep_checkpoints", "log_every", "num_workers"})
+"""Stage fields that may change between a checkpoint and its resumption without changing the result."""
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training YAML/JSON file (errors name the file and the field)."""
+    try:
+        cfg = from_dict(TrainConfig, read_mapping(path))
+        validate_train_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return cfg
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Cross-field checks, and encoder / projector types and options against the registries."""
+    from mm_llama.encoders import ENCODERS
+    from mm_llama.projectors import PROJECTORS
+
+    if not cfg.stages:
+        raise ValueError("stages: expected at least one stage (e.g. align, instruct), got none")
+    for name, spec in cfg.model.modalities.items():
+        encoder_cls = ENCODERS.get(spec.encoder.type)
+        build_options(encoder_cls.Options, spec.encoder.options, f"model.modalities.{name}.encoder.options")
+        projector_cls = PROJECTORS.get(spec.projector.type)
+        build_options(
+            projector_cls.Options, spec.projector.options, f"model.modalities.{name}.projector.options"
+        )
+    names = list(cfg.stages)
+    for i, (name, stage) in enumerate(cfg.stages.items()):
+        where = f"stages.{name}"
+        if not stage.data:
+            raise ValueError(f"{where}.data: expected at least one data file, got an empty list")
+        for key in ("batch_size", "micro_batch_size", "keep_checkpoints", "log_every"):
+            if getattr(stage, key) < 1:
+                raise ValueError(f"{where}.{key}: expected a positive integer, got {getattr(stage, key)}")
+        if stage.batch_size % stage.micro_batch_size:
+            raise ValueError(
+                f"{where}: batch_size ({stage.batch_size}) must be a multiple of micro_batch_size "
+                f"({stage.micro_batch_size})"
+            )
+        if stage.max_steps is None and stage.epochs <= 0:
+            raise ValueError(f"{where}.epochs: expected > 0 (or set max_steps), got {stage.epochs}")
+        if stage.max_steps is not None and stage.max_steps < 1:
+            raise ValueError(f"{where}.max_steps: expected >= 1, got {stage.max_steps}")
+        if not 0.0 <= stage.warmup_ratio < 1.0:
+            raise ValueError(f"{where}.warmup_ratio: expected a value in [0, 1), got {stage.warmup_ratio}")
+        if stage.llm == "full" and cfg.model.llm.quantization != "none":
+            raise ValueError(
+                f"{where}.llm: full fine-tuning needs an unquantized LLM, but model.llm.quantization is "
+                f"{cfg.model.llm.quantization!r}; use llm: qlora, or quantization: none"
+            )
+        if stage.init_from in names and names.index(stage.init_from) >= i:
+            raise ValueError(
+                f"{where}.init_from: stage {stage.init_from!r} does not run before {name!r}; "
+                f"stage order: {', '.join(names)}"
+            )
+
+
+def stage_grad_accumulation(stage: StageConfig, num_processes: int, where: str) -> int:
+    """Micro-batches per process per optimizer step, so that the global batch is ``stage.batch_size``."""
+    per_step = stage.micro_batch_size * num_processes
+    if stage.batch_size % per_step:
+        raise ValueError(
+            f"{where}: batch_size ({stage.batch_size}) must be a multiple of micro_batch_size x processes "
+            f"({stage.micro_batch_size} x {num_processes} = {per_step})"
+        )
+    return stage.batch_size // per_step

@@ -1,0 +1,97 @@
+"""Build the model a stage trains: its config, its starting weights, adapters and freezing.
+
+The model is rebuilt for every stage from ``TrainConfig.model`` with the stage's template and maximum
+length (and the LLM in 4 bits for ``qlora``), seeded so that the same config always builds the same
+weights. ``init_from`` then loads a saved model's projectors and trained encoders (stage 2 starts from
+stage 1's projectors), LoRA adapters are added, and :func:`~mm_llama.train.freeze.freeze_for_stage`
+decides what trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mm_llama.config import ModelConfig
+from mm_llama.model import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE, MultimodalLM
+from mm_llama.train.config import TrainConfig
+from mm_llama.train.freeze import freeze_for_stage
+from mm_llama.train.lora import add_lora, enable_gradient_checkpointing
+
+logger = logging.getLogger(__name__)
+
+
+def stage_model_config(cfg: TrainConfig, name: str) -> ModelConfig:
+    """``cfg.model`` with the stage's template and max length, and 4-bit NF4 loading for ``qlora``."""
+    stage = cfg.stages[name]
+    llm = replace(cfg.model.llm, quantization="nf4") if stage.llm == "qlora" else cfg.model.llm
+    max_length = stage.max_length if stage.max_length is not None else cfg.model.max_length
+    return replace(cfg.model, llm=llm, template=stage.template, max_length=max_length)
+
+
+def stage_dir(cfg: TrainConfig, name: str) -> Path:
+    """Where a stage writes its model, checkpoints and logs: ``<output_dir>/<stage>``."""
+    return Path(cfg.output_dir) / name
+
+
+def resolve_init_from(cfg: TrainConfig, name: str) -> Path | None:
+    """The folder a stage starts from: an earlier stage's output folder (by stage name) or a path."""
+    init = cfg.stages[name].init_from
+    if init is None:
+        return None
+    path = stage_dir(cfg, init) if init in cfg.stages else Path(init)
+    if not (path / PROJECTORS_FILE).is_file():
+        raise FileNotFoundError(
+            f"stages.{name}.init_from: {path} is not a saved model ({PROJECTORS_FILE} not found); "
+            "train the earlier stage first or fix the path"
+        )
+    return path
+
+
+def load_saved_parts(model: MultimodalLM, path: Path) -> None:
+    """Load the projectors and encoder weights that ``save_pretrained`` wrote into ``path``. A modality
+    that the saved model lacks keeps its fresh projector (a warning says so)."""
+    state = load_file(str(path / PROJECTORS_FILE))
+    for name, projector in model.projectors.items():
+        prefix = f"{name}."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            logger.warning("%s has no %s projector: it starts from random weights", path, name)
+            continue
+        projector.load_state_dict(sub, strict=True)
+    for name, encoder in model.encoders.items():
+        file = path / ENCODERS_DIR / f"{name}.safetensors"
+        if file.is_file():
+            encoder.load_state_dict(load_file(str(file)), strict=True)
+    logger.info(
+        "initialised projectors%s from %s", " and encoders" if (path / ENCODERS_DIR).is_dir() else "", path
+    )
+
+
+def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
+    """The model of stage ``name``, initialised, adapted and frozen for training."""
+    stage = cfg.stages[name]
+    set_seed(cfg.seed)
+    model = MultimodalLM(stage_model_config(cfg, name))
+    init = resolve_init_from(cfg, name)
+    adapter = init / ADAPTER_DIR if init is not None and (init / ADAPTER_DIR).is_dir() else None
+    if init is not None:
+        load_saved_parts(model, init)
+    if stage.gradient_checkpointing and stage.llm != "qlora":
+        enable_gradient_checkpointing(model)
+    if stage.llm in ("lora", "qlora"):
+        add_lora(model, stage, adapter)
+    elif adapter is not None:
+        if stage.llm == "full":
+            raise ValueError(
+                f"stages.{name}: init_from {init} holds a LoRA adapter, which full fine-tuning cannot "
+                "continue; export a merged model first and point model.llm at it"
+            )
+        model.llm = PeftModel.from_pretrained(model.llm, adapter)
+    freeze_for_stage(model, stage)
+    return model
