@@ -1,0 +1,91 @@
+"""Training configs: every preset loads and validates (types, registry keys, component options) without
+building weights; invalid settings fail with the file and the field."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mm_llama.train.config import (
+    TrainConfig,
+    load_train_config,
+    stage_grad_accumulation,
+    validate_train_config,
+)
+from tests.train.conftest import align_stage, instruct_stage, tiny_train_config
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
+PRESETS = ("llava15_stage1", "llava15_stage2_qlora", "anymal_imu", "fuyu_patches")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load(name: str) -> None:
+    cfg = load_train_config(PRESETS_DIR / f"{name}.yaml")
+    assert isinstance(cfg, TrainConfig) and cfg.stages
+
+
+def test_llava15_presets_carry_the_paper_hyperparameters() -> None:
+    align = load_train_config(PRESETS_DIR / "llava15_stage1.yaml").stages["align"]
+    assert (align.lr, align.batch_size, align.epochs, align.warmup_ratio, align.weight_decay) == (
+        1e-3,
+        256,
+        1.0,
+        0.03,
+        0.0,
+    )
+    assert (align.llm, align.template, align.lr_schedule) == ("frozen", "plain", "cosine")
+    cfg = load_train_config(PRESETS_DIR / "llava15_stage2_qlora.yaml")
+    instruct = cfg.stages["instruct"]
+    assert (instruct.llm, instruct.lora.r, instruct.lora.alpha, instruct.lora.target_modules) == (
+        "qlora",
+        128,
+        256,
+        "all-linear",
+    )
+    assert (instruct.lr, instruct.projector_lr, instruct.batch_size, instruct.max_length) == (
+        2e-4,
+        2e-5,
+        128,
+        2048,
+    )
+    image = cfg.model.modalities["image"]
+    assert image.encoder.options["name_or_path"] == "openai/clip-vit-large-patch14-336"
+    assert image.encoder.options["select_layer"] == -2 and image.projector.type == "mlp2x_gelu"
+
+
+def test_unknown_fields_and_bad_values_name_the_file(tmp_path: Path) -> None:
+    text = (PRESETS_DIR / "llava15_stage1.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("llm: frozen", "llm: half"))
+    with pytest.raises(ValueError, match=r"bad\.yaml: stages\.align\.llm: expected one of"):
+        load_train_config(bad)
+    bad.write_text(text.replace("micro_batch_size: 32", "micro_batch_size: 32\n    learning_rate: 1.0"))
+    with pytest.raises(ValueError, match=r"bad\.yaml: stages\.align: unknown field\(s\) 'learning_rate'"):
+        load_train_config(bad)
+    bad.write_text(text.replace("type: mlp2x_gelu", "type: mlp9x"))
+    with pytest.raises(ValueError, match=r"unknown projector 'mlp9x'; valid choices"):
+        load_train_config(bad)
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    data = {"align": tmp_path / "a.json", "instruct": tmp_path / "i.json"}
+    cfg = tiny_train_config(tmp_path, {"align": align_stage(data, batch_size=6, micro_batch_size=4)})
+    with pytest.raises(
+        ValueError, match=r"stages\.align: batch_size \(6\) must be a multiple of micro_batch_size"
+    ):
+        validate_train_config(cfg)
+    cfg = tiny_train_config(
+        tmp_path, {"instruct": instruct_stage(data, init_from="align"), "align": align_stage(data)}
+    )
+    with pytest.raises(ValueError, match=r"stages\.instruct\.init_from: stage 'align' does not run before"):
+        validate_train_config(cfg)
+    cfg = tiny_train_config(tmp_path, {"instruct": instruct_stage(data, llm="full")})
+    cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, quantization="nf4")))
+    with pytest.raises(ValueError, match=r"full fine-tuning needs an unquantized LLM"):
+        validate_train_config(cfg)
+    stage = align_stage(data, batch_size=8, micro_batch_size=2)
+    assert stage_grad_accumulation(stage, 1, "x") == 4 and stage_grad_accumulation(stage, 2, "x") == 2
+    with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(2 x 3 = 6\)"):
+        stage_grad_accumulation(stage, 3, "stages.align")
