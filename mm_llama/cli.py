@@ -1,4 +1,4 @@
-"""The ``mm-llama`` command: train, chat, eval, toyworld, cache-features, export.
+"""The ``mm-llama`` command: train, chat, eval, toyworld, cache-features, export, demo.
 
 Each subcommand is a thin wrapper over an importable function; heavy modules are imported only when
 their subcommand runs, so ``mm-llama --help`` stays fast.
@@ -73,6 +73,19 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"wrote {model.save_pretrained(args.out, copy_llm=True)}")
 
 
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a folder written by training or save_pretrained")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from mm_llama.demo import serve  # imports gradio (the "demo" extra)
+
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mm_llama.data import toyworld
     from mm_llama.eval import cli as eval_cli
@@ -99,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             train_cli.run_cache_features,
         ),
         "export": ("write a self-contained checkpoint", _add_export_args, _run_export),
+        "demo": ("serve the Gradio demo for a checkpoint", _add_demo_args, _run_demo),
     }
     for name, (help_text, add_args, run) in commands.items():
         p = sub.add_parser(name, help=help_text)
