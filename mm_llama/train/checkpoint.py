@@ -213,7 +213,12 @@ def load_checkpoint(
     meta = json.loads((directory / OPTIMIZER_META_FILE).read_text())
     optimizer.load_state_dict(_optimizer_state(load_file(str(directory / OPTIMIZER_TENSORS_FILE)), meta))
     scheduler.load_state_dict(json.loads((directory / SCHEDULER_FILE).read_text()))
-    return json.loads((directory / STATE_FILE).read_text()), RNGState.load(directory, rank)
+    return read_trainer_state(directory), RNGState.load(directory, rank)
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint (step, history, the stage config it was written with)."""
+    return json.loads((directory / STATE_FILE).read_text())
 
 
 def list_checkpoints(stage_dir: Path) -> list[Path]:

@@ -45,6 +45,7 @@ from mm_llama.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    read_trainer_state,
     save_checkpoint,
     step_dir_name,
 )
@@ -223,8 +224,8 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     checkpoints = list_checkpoints(out)
     if checkpoints and cfg.resume:
         latest = checkpoints[-1]
+        _check_resumable(read_trainer_state(latest)["stage"], stage_record, latest)
         saved, rng = load_checkpoint(latest, unwrapped, optimizer, scheduler, rank)
-        _check_resumable(saved["stage"], stage_record, latest)
         history = saved["history"]
         (rng or _seeded_rng(cfg.seed + rank + history["step"])).restore()
         logger.info("%s: resuming from %s (step %d of %d)", name, latest, history["step"], total)

@@ -20,6 +20,8 @@ LOSS_PLOT_FILE = "loss.png"
 HISTORY_FILE = "train_log.json"
 SMOOTHING_WINDOW = 20
 """Steps in the moving average drawn over the raw loss curve."""
+SMOOTHING_MIN_POINTS = 4
+"""Short runs average over a quarter of their steps, so the smoothed curve keeps a shape."""
 PLOT_SIZE_IN = (7.0, 4.0)
 PLOT_DPI = 120
 
@@ -72,7 +74,7 @@ def plot_loss(losses: list[float], path: Path, title: str) -> Path:
     steps = list(range(1, len(losses) + 1))
     fig, ax = plt.subplots(figsize=PLOT_SIZE_IN)
     ax.plot(steps, losses, alpha=0.35, linewidth=1, label="loss")
-    window = min(SMOOTHING_WINDOW, len(losses))
+    window = min(SMOOTHING_WINDOW, len(losses) // SMOOTHING_MIN_POINTS)
     if window > 1:
         smooth = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
         ax.plot(steps[window - 1 :], smooth, linewidth=2, label=f"mean of {window} steps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mm_llama.train import StepInfo, build_stage_model, train
@@ -66,3 +67,31 @@ def test_align_then_qlora_instruct_train_only_what_they_should(
     stage2 = losses(instruct_dir)
     assert sum(stage2[-2:]) < sum(stage2[:2])
     assert (instruct_dir / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_full_and_lora_fine_tuning_with_gradient_checkpointing(
+    tmp_path: Path, colour_world: dict[str, Path], mode: str
+) -> None:
+    stage = instruct_stage(colour_world, llm=mode, max_steps=2, gradient_checkpointing=True, lr=1e-3)
+    cfg = tiny_train_config(tmp_path / "run", {"instruct": stage})
+    final: dict[str, torch.Tensor] = {}
+    checkpointing: list[bool] = []
+
+    def keep_final(info: StepInfo) -> None:
+        checkpointing.append(bool(info.model.llm.get_decoder().gradient_checkpointing))
+        final.update(snapshot(info.model))
+
+    before = snapshot(build_stage_model(cfg, "instruct"))
+    out = train(cfg, on_step=keep_final)
+    assert checkpointing == [True, True]
+    changed = changed_keys(before, final)
+    llm_changed = {k for k in changed if k.startswith("llm.")}
+    if mode == "full":
+        assert not any("lora_" in k for k in before)
+        assert len(llm_changed) > len({k for k in before if k.startswith("llm.")}) // 2
+        assert (out / "llm" / "config.json").is_file()  # the fine-tuned LLM is saved with the model
+    else:
+        assert llm_changed and all("lora_" in k for k in llm_changed)
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not any(k.startswith("encoders.") for k in changed)
