@@ -2,7 +2,13 @@
 
 from mm_llama.encoders.audio import AudioTransformerEncoder, ClapAudioEncoder, WhisperAudioEncoder, load_audio
 from mm_llama.encoders.base import ENCODERS, ModalityEncoder, build_encoder
-from mm_llama.encoders.image import HFVisionEncoder, OpenCLIPEncoder, TimmEncoder, load_image
+from mm_llama.encoders.image import (
+    ConvImageEncoder,
+    HFVisionEncoder,
+    OpenCLIPEncoder,
+    TimmEncoder,
+    load_image,
+)
 from mm_llama.encoders.imu import IMUConvEncoder, IMUTransformerEncoder, load_imu
 from mm_llama.encoders.patches import PatchEncoder
 from mm_llama.encoders.video import VideoEncoder
@@ -10,6 +16,7 @@ from mm_llama.encoders.video import VideoEncoder
 ENCODERS.register("hf_vision", HFVisionEncoder)
 ENCODERS.register("open_clip", OpenCLIPEncoder)
 ENCODERS.register("timm", TimmEncoder)
+ENCODERS.register("image_cnn", ConvImageEncoder)
 ENCODERS.register("patches", PatchEncoder)
 ENCODERS.register("video", VideoEncoder)
 ENCODERS.register("whisper", WhisperAudioEncoder)

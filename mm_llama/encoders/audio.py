@@ -34,7 +34,6 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -48,7 +47,7 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mm_llama.encoders.base import ModalityEncoder, read_bytes
+from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
 
 SAMPLE_RATE = 16000
 """Whisper's and the fbank encoder's sample rate (Hz)."""
@@ -187,33 +186,6 @@ def split_windows(x: torch.Tensor, window: int, chunk: bool, max_chunks: int) ->
         return [x[..., :window]]
     count = min(max_chunks, math.ceil(x.shape[-1] / window))
     return [x[..., i * window : (i + 1) * window] for i in range(count)]
-
-
-def load_weights(module: nn.Module, path: str, what: str) -> None:
-    """Load a safetensors state dict (as ``state_dict()`` names it) into ``module``, strictly."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{what}: weights file not found: {file}")
-    try:
-        state = load_file(file)
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"{what}: {file} is not a readable safetensors file: {e}") from e
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        details = [
-            f"missing {missing[:5]}" if missing else "",
-            f"unexpected {unexpected[:5]}" if unexpected else "",
-            ", ".join(
-                f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}" for k in wrong[:5]
-            ),
-        ]
-        raise ValueError(
-            f"{what}: {file} does not match the configured architecture: {'; '.join(d for d in details if d)}"
-        )
-    module.load_state_dict(state, strict=True)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mm_llama.config import EncoderConfig, build_options
@@ -103,6 +104,33 @@ def read_bytes(item: Any, what: str) -> tuple[bytes, str]:
         except OSError as e:
             raise ValueError(f"cannot read {what} file {path}: {e}") from e
     raise TypeError(f"expected a path, bytes or a file object for the {what}, got {type(item).__name__}")
+
+
+def load_weights(module: nn.Module, path: str, what: str) -> None:
+    """Load a safetensors state dict (as ``state_dict()`` names it) into ``module``, strictly."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what}: weights file not found: {file}")
+    try:
+        state = load_file(file)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise ValueError(f"{what}: {file} is not a readable safetensors file: {e}") from e
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            ", ".join(
+                f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}" for k in wrong[:5]
+            ),
+        ]
+        raise ValueError(
+            f"{what}: {file} does not match the configured architecture: {'; '.join(d for d in details if d)}"
+        )
+    module.load_state_dict(state, strict=True)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
 
-from mm_llama.encoders.base import ModalityEncoder, read_bytes
+from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -502,3 +502,73 @@ class TimmEncoder(IntermediatesEncoder):
         return self.backbone.forward_intermediates(  # per block: ((B, C, H', W'), (B, P, C))
             x, indices=indices, stop_early=True, intermediates_only=True, return_prefix_tokens=True
         )
+
+
+@dataclass
+class ConvImageOptions:
+    """Options of the ``image_cnn`` encoder: a small CNN built from scratch (no pretrained weights needed)."""
+
+    image_size: int = 64
+    """Square input side in pixels; images are resized to it (aspect ratio not kept)."""
+    channels: tuple[int, ...] = (32, 64, 128)
+    """Output channels of the stride-2 3x3 convolution stages; the last is D_enc."""
+    grid: int | None = 4
+    """Average-pool the feature map to ``grid x grid`` tokens; ``None`` keeps every cell."""
+    weights: str | None = None
+    """A safetensors file of this encoder's ``state_dict``; the encoder then counts as pretrained."""
+
+
+class ConvImageEncoder(ModalityEncoder):
+    """Stride-2 conv stages (GroupNorm + GELU) -> grid pooling -> a learned position per cell.
+
+    For laptops and toy worlds: it learns in minutes on a CPU, where a ViT from scratch would not."""
+
+    modality = "image"
+    Options = ConvImageOptions
+    MEAN = 0.5
+    STD = 0.5
+
+    def __init__(self, options: ConvImageOptions) -> None:
+        super().__init__(options)
+        if not options.channels:
+            raise ValueError("image_cnn encoder: options.channels must list at least one stage")
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for ch in options.channels:
+            layers += [nn.Conv2d(in_ch, ch, 3, stride=2, padding=1), nn.GroupNorm(1, ch), nn.GELU()]
+            in_ch = ch
+        self.body = nn.Sequential(*layers)
+        side = options.image_size
+        for _ in options.channels:
+            side = (side + 1) // 2
+        self._side = options.grid or side
+        if options.grid is not None and options.grid > side:
+            raise ValueError(
+                f"image_cnn encoder: options.grid ({options.grid}) exceeds the feature map side ({side})"
+            )
+        self.position = nn.Parameter(torch.zeros(self._side * self._side, in_ch))
+        nn.init.normal_(self.position, std=0.02)
+        if options.weights is not None:
+            load_weights(self, options.weights, "image_cnn encoder (options.weights)")
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.options.channels[-1])
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.weights is not None
+
+    def preprocess(self, item: Any) -> torch.Tensor:
+        image = load_image(item).resize((self.options.image_size,) * 2, Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+        return (pixels - self.MEAN) / self.STD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.body(x.to(self.dtype))  # (B, C, h, w)
+        if self.options.grid is not None:
+            fmap = nn.functional.adaptive_avg_pool2d(fmap, self.options.grid)
+        return fmap.flatten(2).transpose(1, 2) + self.position  # (B, grid*grid, C)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return self._side * self._side

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mm_llama.encoders.audio import load_weights, split_windows
-from mm_llama.encoders.base import ModalityEncoder, read_bytes
+from mm_llama.encoders.audio import split_windows
+from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
 
 SAMPLE_RATE = 200.0
 """Hz; Ego4D's IMU rate, as ImageBind uses it."""

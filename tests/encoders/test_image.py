@@ -435,3 +435,30 @@ def test_multimodal_lm_forward_with_loss(
     out.loss.backward()
     assert all(p.grad is not None for p in model.projectors["image"].parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders["image"].parameters())
+
+
+def test_image_cnn_tokens_weights_and_freezing(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from mm_llama.config import EncoderConfig
+    from mm_llama.encoders import build_encoder
+
+    torch.manual_seed(0)
+    options = {"image_size": 32, "channels": [8, 16], "grid": 2}
+    encoder = build_encoder("image", EncoderConfig(type="image_cnn", options=options))
+    assert all(p.requires_grad for p in encoder.parameters())  # from scratch: trainable
+    x = encoder.preprocess(np.zeros((40, 50, 3), dtype=np.uint8))
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, -1.0))
+    feats = encoder(torch.stack([x, -x]))
+    assert feats.shape == (2, 4, 16) == (2, encoder.num_tokens(x), encoder.output_dim)
+    save_file(encoder.state_dict(), tmp_path / "cnn.safetensors")
+    loaded = build_encoder(
+        "image",
+        EncoderConfig(type="image_cnn", options={**options, "weights": str(tmp_path / "cnn.safetensors")}),
+    )
+    assert loaded.is_pretrained and not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(loaded(torch.stack([x, -x])), feats)
+    keep_all = build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "grid": None}))
+    assert keep_all(x[None]).shape == (1, 64, 16)  # 32 px / 2 / 2 = 8 x 8 cells
+    with pytest.raises(ValueError, match="grid"):
+        build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "grid": 9}))

@@ -152,6 +152,7 @@ TINY_ENCODERS: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {
         lambda: image(40, 50),
     ),
     "timm": ({"model_name": "vit_tiny_patch16_224", "model_kwargs": TINY_TIMM}, lambda: image(40, 50)),
+    "image_cnn": ({"image_size": 32, "channels": (8, 16), "grid": 2}, lambda: image(40, 50)),
     "patches": ({"patch_size": 8, "max_height": 32, "max_width": 32}, lambda: image(20, 30)),
     "video": ({"frame_encoder": TINY_FRAME_ENCODER, "num_frames": 2}, lambda: np.stack([image(24, 24)] * 3)),
     "whisper": ({"config": TINY_WHISPER}, lambda: (noise(AUDIO_RATE, 1), AUDIO_RATE)),
