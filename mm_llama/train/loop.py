@@ -148,19 +148,9 @@ def param_groups(model: MultimodalLM, stage: StageConfig) -> list[dict[str, Any]
     return groups
 
 
-def _check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    changed = [k for k in current if k not in RUNTIME_FIELDS and saved.get(k) != current[k]]
-    if changed:
-        raise ValueError(
-            f"{checkpoint} was written with different settings ({', '.join(changed)} changed); resuming "
-            "would not continue the same run: use another output_dir, or set resume: false to start over"
-        )
-
-
 def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None) -> Path:
     """Train one stage (resuming from its newest checkpoint when ``cfg.resume``); returns its folder."""
     stage = cfg.stages[name]
-    where = f"stages.{name}"
     out = stage_dir(cfg, name)
     # Some trainable parameters may get no gradient in a step (a modality absent from a batch, the layers
     # after an encoder's select_layer): DDP must look for them. Checkpointing here is non-reentrant,
@@ -169,7 +159,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(stage.mixed_precision), kwargs_handlers=[ddp]
     )
-    accumulation = stage_grad_accumulation(stage, accelerator.num_processes, where)
+    accumulation = stage_grad_accumulation(stage, accelerator.num_processes, f"stages.{name}")
     accelerator.gradient_accumulation_steps = accumulation
     main, rank = accelerator.is_main_process, accelerator.process_index
     if main:
@@ -179,73 +169,29 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: MultimodalLM = accelerator.unwrap_model(model)
-
-    processor, feature_modalities = unwrapped.processor, []
-    if stage.feature_cache is not None:
-        feature_modalities = frozen_modalities(unwrapped)
-        with accelerator.main_process_first():
-            cache = cache_features(
-                unwrapped, stage.data, stage.feature_cache, stage.data_root, feature_modalities
-            )
-        processor = cached_processor(unwrapped, cache, feature_modalities)
-    dataset = ConversationDataset(stage.data, processor, data_root=stage.data_root)
-    sampler = LengthGroupedBatchSampler(
-        dataset.lengths if stage.group_by_length else [0] * len(dataset),
-        stage.micro_batch_size,
-        accumulation,
-        num_processes=accelerator.num_processes,
-        process_index=rank,
-        seed=cfg.seed,
-        group_by_length=stage.group_by_length,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=Collator(processor, feature_modalities),
-        num_workers=stage.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # iterators never draw from the global RNG
-    )
+    sampler, loader = _stage_data(cfg, name, accelerator, unwrapped, accumulation)
     per_epoch = sampler.steps_per_epoch
     total = stage.max_steps if stage.max_steps is not None else math.ceil(stage.epochs * per_epoch)
     if main:
         logger.info(
             "%s: %d records, %d process(es) x %d accumulation x micro-batch %d = global batch %d; "
             "%d steps (%d per epoch), mixed precision %s",
-            name, len(dataset), accelerator.num_processes, accumulation, stage.micro_batch_size,
+            name, len(loader.dataset), accelerator.num_processes, accumulation, stage.micro_batch_size,
             stage.batch_size, total, per_epoch, accelerator.mixed_precision,
         )  # fmt: skip
     scheduler = SCHEDULES[stage.lr_schedule](
         optimizer, num_warmup_steps=math.ceil(stage.warmup_ratio * total), num_training_steps=total
     )
-
-    stage_record = to_dict(stage) | {"model": to_dict(stage_model_config(cfg, name)), "seed": cfg.seed}
-    history: dict[str, Any] = {"step": 0, "loss": [], "lr": [], "tokens": 0, "seconds": 0.0}
-    checkpoints = list_checkpoints(out)
-    if checkpoints and cfg.resume:
-        latest = checkpoints[-1]
-        _check_resumable(read_trainer_state(latest)["stage"], stage_record, latest)
-        saved, rng = load_checkpoint(latest, unwrapped, optimizer, scheduler, rank)
-        history = saved["history"]
-        (rng or _seeded_rng(cfg.seed + rank + history["step"])).restore()
-        logger.info("%s: resuming from %s (step %d of %d)", name, latest, history["step"], total)
-    else:
-        if checkpoints and main:
-            logger.warning(
-                "%s: resume is off: deleting the old checkpoints in %s", name, out / CHECKPOINTS_DIR
-            )
-            shutil.rmtree(out / CHECKPOINTS_DIR)
-        set_seed(cfg.seed + rank)  # dropout differs across processes, as different samples do
-    accelerator.wait_for_everyone()
+    record = to_dict(stage) | {"model": to_dict(stage_model_config(cfg, name)), "seed": cfg.seed}
+    history = _resume_or_start(cfg, name, accelerator, unwrapped, optimizer, scheduler, record)
 
     def save(rng: RNGState, crash: bool = False) -> None:
-        directory = out / CHECKPOINTS_DIR / step_dir_name(history["step"])
         save_checkpoint(
-            directory,
+            out / CHECKPOINTS_DIR / step_dir_name(history["step"]),
             unwrapped,
             optimizer,
             scheduler,
-            {"history": history, "stage": stage_record, "steps_per_epoch": per_epoch},
+            {"history": history, "stage": record, "steps_per_epoch": per_epoch},
             rng,
             rank=rank,
             is_main=main,
@@ -258,46 +204,55 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     reporter = Reporter(out, name, total, history["step"], stage.log_every, main)
     saved_step = history["step"]
     boundary_rng = RNGState.capture()  # the RNG at the last step boundary: what a crash checkpoint holds
+    updating = False  # between optimizer.step() and the end of the step's bookkeeping
     try:
         while history["step"] < total:
             epoch, position = divmod(history["step"], per_epoch)
             sampler.set_epoch(epoch, position)
             batches = iter(loader)
-            for _ in range(position, per_epoch):
-                if history["step"] >= total:
-                    break
+            for _ in range(position, min(per_epoch, position + total - history["step"])):
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(accumulation)]
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
-                loss, grad_norm, tokens = _optimizer_step(accelerator, model, optimizer, params, micro, stage)
+                loss, tokens = _accumulate_gradients(accelerator, model, micro)
+                updating = True
+                grad_norm = (
+                    float(accelerator.clip_grad_norm_(params, stage.max_grad_norm))
+                    if stage.max_grad_norm > 0
+                    else None
+                )
+                optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the step did not happen
                     scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
                 history["step"] += 1
                 history["loss"].append(loss)
                 history["lr"].append(next(iter(lrs.values())))
                 history["tokens"] += tokens
                 history["seconds"] += time.perf_counter() - started
                 boundary_rng = RNGState.capture()
+                updating = False
                 tokens_per_s = reporter.step(history["step"], loss, lrs, grad_norm, tokens)
                 if stage.save_every and history["step"] % stage.save_every == 0:
                     save(boundary_rng)
                     saved_step = history["step"]
                 if on_step is not None:
-                    on_step(
-                        StepInfo(
-                            name, history["step"], total, loss, history["lr"][-1], tokens_per_s, unwrapped
-                        )
+                    info = StepInfo(
+                        name, history["step"], total, loss, history["lr"][-1], tokens_per_s, unwrapped
                     )
+                    on_step(info)
                     set_train_modes(unwrapped)  # the callback may have switched to eval mode
     except BaseException:
-        if main and history["step"] > saved_step:
-            logger.error("%s: interrupted at step %d: writing a checkpoint first", name, history["step"])
+        if main and updating:
+            logger.error("%s: interrupted while applying an update; resume from the last checkpoint", name)
+        elif main and history["step"] > saved_step:
+            logger.error("%s: interrupted after step %d: writing a checkpoint first", name, history["step"])
             save(boundary_rng, crash=True)
         raise
     finally:
         reporter.close()
 
-    if history["step"] > saved_step or not list_checkpoints(out):
+    if history["step"] > saved_step:
         save(boundary_rng)
     if main:
         unwrapped.save_pretrained(out, copy_llm=stage.llm == "full")
@@ -308,24 +263,91 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     return out
 
 
-def _seeded_rng(seed: int) -> RNGState:
-    set_seed(seed)
-    return RNGState.capture()
+def _stage_data(
+    cfg: TrainConfig, name: str, accelerator: Accelerator, model: MultimodalLM, accumulation: int
+) -> tuple[LengthGroupedBatchSampler, DataLoader]:
+    """The stage's sampler and loader; frozen encoders read from the feature cache when one is set (the
+    main process fills it first)."""
+    stage = cfg.stages[name]
+    processor, feature_modalities = model.processor, []
+    if stage.feature_cache is not None:
+        feature_modalities = frozen_modalities(model)
+        with accelerator.main_process_first():
+            cache = cache_features(
+                model, stage.data, stage.feature_cache, stage.data_root, feature_modalities
+            )
+        processor = cached_processor(model, cache, feature_modalities)
+    dataset = ConversationDataset(stage.data, processor, data_root=stage.data_root)
+    sampler = LengthGroupedBatchSampler(
+        dataset.lengths if stage.group_by_length else [0] * len(dataset),
+        stage.micro_batch_size,
+        accumulation,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=cfg.seed,
+        group_by_length=stage.group_by_length,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=Collator(processor, feature_modalities),
+        num_workers=stage.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterators never draw from the global RNG
+    )
+    return sampler, loader
 
 
-def _optimizer_step(
+def _resume_or_start(
+    cfg: TrainConfig,
+    name: str,
     accelerator: Accelerator,
-    model: torch.nn.Module,
+    model: MultimodalLM,
     optimizer: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    micro: list[dict[str, Any]],
-    stage: StageConfig,
-) -> tuple[float, float | None, int]:
-    """Forward/backward over this process's micro-batches of one global batch, then one optimizer step.
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """Restore the newest checkpoint (weights, optimizer, scheduler, RNG) and return its history, or seed
+    a fresh start (deleting old checkpoints when ``resume`` is off)."""
+    out, rank = stage_dir(cfg, name), accelerator.process_index
+    checkpoints = list_checkpoints(out)
+    history: dict[str, Any] = {"step": 0, "loss": [], "lr": [], "tokens": 0, "seconds": 0.0}
+    if checkpoints and cfg.resume:
+        latest = checkpoints[-1]
+        saved = read_trainer_state(latest)
+        changed = [k for k in record if k not in RUNTIME_FIELDS and saved["stage"].get(k) != record[k]]
+        if changed:
+            raise ValueError(
+                f"{latest} was written with different settings ({', '.join(changed)} changed); resuming "
+                "would not continue the same run: use another output_dir, or set resume: false to start over"
+            )
+        state, rng = load_checkpoint(latest, model, optimizer, scheduler, rank)
+        history = state["history"]
+        if rng is None:  # written by a crash handler on the main process only
+            set_seed(cfg.seed + rank + history["step"])
+        else:
+            rng.restore()
+        logger.info("%s: resuming from %s (step %d)", name, latest, history["step"])
+    else:
+        if checkpoints and accelerator.is_main_process:
+            logger.warning(
+                "%s: resume is off: deleting the old checkpoints in %s", name, out / CHECKPOINTS_DIR
+            )
+            shutil.rmtree(out / CHECKPOINTS_DIR)
+        set_seed(cfg.seed + rank)  # dropout differs across processes, as different samples do
+    accelerator.wait_for_everyone()
+    return history
+
+
+def _accumulate_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, micro: list[dict[str, Any]]
+) -> tuple[float, int]:
+    """Forward and backward over this process's micro-batches of one global batch.
 
     Each micro-batch's summed token loss is divided by the supervised-token count of the whole global
-    batch, and scaled by processes x accumulation to undo accelerate's and DDP's averaging. Returns the
-    global mean loss, the gradient norm before clipping, and the global number of tokens."""
+    batch and scaled by processes x accumulation, which undoes accelerate's and DDP's averaging: the
+    gradient is that of the mean over all supervised tokens of the global batch. Returns that mean loss
+    and the global number of (non-padding) tokens."""
     local = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
@@ -336,9 +358,8 @@ def _optimizer_step(
     label_tokens, tokens = (int(v) for v in accelerator.reduce(local, reduction="sum"))
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(label_tokens, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
     for batch in micro:
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
             out = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -349,10 +370,5 @@ def _optimizer_step(
             token_loss = out.loss * out.num_label_tokens  # summed over this micro-batch's tokens
             accelerator.backward(token_loss * scale)
             loss_sum += token_loss.detach().float()
-            if accelerator.sync_gradients:
-                if stage.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, stage.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
     loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(label_tokens, 1)
-    return loss, grad_norm, tokens
+    return loss, tokens
