@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from transformers import (
@@ -156,6 +157,10 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     # after an encoder's select_layer): DDP must look for them. Checkpointing here is non-reentrant,
     # which is compatible with that search.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # Each stage may autocast differently: forget the previous stage's accelerator settings (accelerate
+    # refuses a second mixed_precision per process otherwise); the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(stage.mixed_precision), kwargs_handlers=[ddp]
     )

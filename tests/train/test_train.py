@@ -95,3 +95,12 @@ def test_full_and_lora_fine_tuning_with_gradient_checkpointing(
         assert llm_changed and all("lora_" in k for k in llm_changed)
         assert (out / "adapter" / "adapter_config.json").is_file()
     assert not any(k.startswith("encoders.") for k in changed)
+
+
+def test_stages_may_autocast_differently(tmp_path: Path, colour_world: dict[str, Path]) -> None:
+    stages = {
+        "fp32": align_stage(colour_world, max_steps=1, mixed_precision="no"),
+        "bf16": align_stage(colour_world, max_steps=1, mixed_precision="bf16", init_from="fp32"),
+    }
+    out = train(tiny_train_config(tmp_path / "run", stages))
+    assert len(losses(out)) == 1 and losses(out)[0] > 0
