@@ -107,29 +107,30 @@ class ConversationDataset(Dataset[Example]):
     def __len__(self) -> int:
         return self._offsets[-1]
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def _row(self, index: int) -> tuple[int, int, dict[str, Any]]:
+        """(file number, row in that file, the record) of a dataset index."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} records")
         f = bisect.bisect_right(self._offsets, index) - 1
-        return f, index - self._offsets[f]
+        row = index - self._offsets[f]
+        return f, row, self._tables[f][row]
+
+    def _where(self, f: int, row: int, rec: dict[str, Any]) -> str:
+        rid = rec.get(ID_KEY)
+        return f"{self.files[f]}:{rid if rid is not None else f'#{row}'}"
 
     def record(self, index: int) -> dict[str, Any]:
         """The raw record (all its fields, e.g. toy world's ``question_type`` and ``answer``)."""
-        f, row = self._locate(index)
-        return self._tables[f][row]
+        return self._row(index)[2]
 
     def where(self, index: int) -> str:
         """``<file>:<record id>`` for error messages (the row number when a record has no id)."""
-        f, row = self._locate(index)
-        table = self._tables[f]
-        rid = table[row][ID_KEY] if ID_KEY in table.column_names else None
-        return f"{self.files[f]}:{rid if rid is not None else f'#{row}'}"
+        return self._where(*self._row(index))
 
     def media(self, index: int) -> dict[str, list[str]]:
         """Modality -> absolute media paths of one record, in marker order."""
-        f, row = self._locate(index)
-        rec = self._tables[f][row]
-        return self._resolve(f, rec, self.where(index))
+        f, row, rec = self._row(index)
+        return self._resolve(f, rec, self._where(f, row, rec))
 
     def _resolve(self, f: int, rec: dict[str, Any], where: str) -> dict[str, list[str]]:
         out = {}
@@ -159,9 +160,8 @@ class ConversationDataset(Dataset[Example]):
                             )
 
     def __getitem__(self, index: int) -> Example:
-        f, row = self._locate(index)
-        rec = self._tables[f][row]
-        where = self.where(index)
+        f, row, rec = self._row(index)
+        where = self._where(f, row, rec)
         return self.processor(rec[CONVERSATIONS_KEY], self._resolve(f, rec, where), where=where)
 
     @property
