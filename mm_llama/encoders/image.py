@@ -514,12 +514,14 @@ class ConvImageOptions:
     """Output channels of the stride-2 3x3 convolution stages; the last is D_enc."""
     grid: int | None = 4
     """Average-pool the feature map to ``grid x grid`` tokens; ``None`` keeps every cell."""
+    coords: bool = True
+    """Append x/y coordinate channels to the input (CoordConv), so pooled tokens can still say where."""
     weights: str | None = None
     """A safetensors file of this encoder's ``state_dict``; the encoder then counts as pretrained."""
 
 
 class ConvImageEncoder(ModalityEncoder):
-    """Stride-2 conv stages (GroupNorm + GELU) -> grid pooling -> a learned position per cell.
+    """[pixels; x, y] -> stride-2 conv stages (GroupNorm + GELU) -> grid pooling -> a learned position per cell.
 
     For laptops and toy worlds: it learns in minutes on a CPU, where a ViT from scratch would not."""
 
@@ -533,7 +535,7 @@ class ConvImageEncoder(ModalityEncoder):
         if not options.channels:
             raise ValueError("image_cnn encoder: options.channels must list at least one stage")
         layers: list[nn.Module] = []
-        in_ch = 3
+        in_ch = 5 if options.coords else 3
         for ch in options.channels:
             layers += [nn.Conv2d(in_ch, ch, 3, stride=2, padding=1), nn.GroupNorm(1, ch), nn.GELU()]
             in_ch = ch
@@ -565,7 +567,21 @@ class ConvImageEncoder(ModalityEncoder):
         return (pixels - self.MEAN) / self.STD
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.body(x.to(self.dtype))  # (B, C, h, w)
+        x = x.to(self.dtype)  # (B, 3, H, W)
+        if self.options.coords:
+            b, _, h, w = x.shape
+            ys = (
+                torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+                .view(1, 1, h, 1)
+                .expand(b, 1, h, w)
+            )
+            xs = (
+                torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+                .view(1, 1, 1, w)
+                .expand(b, 1, h, w)
+            )
+            x = torch.cat([x, xs, ys], dim=1)  # (B, 5, H, W)
+        fmap = self.body(x)  # (B, C, h, w)
         if self.options.grid is not None:
             fmap = nn.functional.adaptive_avg_pool2d(fmap, self.options.grid)
         return fmap.flatten(2).transpose(1, 2) + self.position  # (B, grid*grid, C)
