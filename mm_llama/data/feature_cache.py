@@ -188,7 +188,7 @@ def _cache_modality(
     }
     entries = cache.index["entries"].setdefault(identity, {})
     prefix = f"{modality}-{identity}-"
-    shard_no = len([f for f in cache.directory.glob(f"{prefix}*.safetensors")])
+    shard_no = sum(1 for _ in cache.directory.glob(f"{prefix}*.safetensors"))
     pending: dict[str, torch.Tensor] = {}
     pending_paths: list[str] = []
     pending_bytes = 0
