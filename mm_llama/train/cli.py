@@ -4,6 +4,9 @@ point wires them in; ``python -m mm_llama.train`` runs training alone, e.g. unde
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +19,16 @@ from mm_llama.train.stage import build_stage_model
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--config FILE [--stages align instruct] [--output-dir DIR] [--no-resume]``."""
+    """``--config FILE [--stages align instruct] [--output-dir DIR] [--no-resume] [--plugin FILE ...]``."""
     parser.add_argument("--config", required=True, type=Path, help="training YAML (see training/configs/)")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a Python file to import first, e.g. one that registers a modality and its encoder (repeatable)",
+    )
     parser.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to run, in order (default: all)")
     parser.add_argument("--output-dir", help="run folder; overrides output_dir in the config")
     parser.add_argument(
@@ -37,7 +48,20 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> Path:
     """Train as the parsed arguments say; returns the last stage's model folder."""
+    import_plugins(args.plugin)
     return train(_config(args), args.stages)
+
+
+def import_plugins(files: Sequence[Path]) -> None:
+    """Import each file as module ``mm_llama_plugin_<stem>``, so that its registrations run (e.g.
+    ``register_modality`` and ``register_encoder``, see docs/new_modality.md) before a config names them."""
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"--plugin: file not found: {file}")
+        spec = importlib.util.spec_from_file_location(f"mm_llama_plugin_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and typing resolve the module's annotations there
+        spec.loader.exec_module(module)
 
 
 def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
