@@ -29,6 +29,7 @@ LLMMode = Literal["frozen", "full", "lora", "qlora"]
 EncoderMode = Literal["auto", "none", "all"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 LRSchedule = Literal["cosine", "linear", "constant"]
+Objective = Literal["lm", "contrastive"]
 
 
 @dataclass
@@ -52,6 +53,13 @@ class StageConfig:
 
     data: list[str]
     """Conversation files (LLaVA JSON, JSON lines or parquet), relative to the working directory."""
+    objective: Objective = "lm"
+    """``lm``: next-token loss on the assistant replies (LLaVA's stages). ``contrastive``: ImageBind-style
+    InfoNCE between each record's media (mean projected token) and its caption (the frozen LLM's mean
+    hidden state), to pretrain encoders built from scratch cheaply before ``lm`` stages; see
+    ``mm_llama.train.contrastive``."""
+    contrastive_temperature: float = 0.07
+    """Softmax temperature of the contrastive objective."""
     data_root: str | None = None
     """Folder that media paths in the records are relative to; ``None``: each data file's folder."""
     template: Template = "chat"
@@ -184,6 +192,14 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"{where}.llm: full fine-tuning needs an unquantized LLM, but model.llm.quantization is "
                 f"{cfg.model.llm.quantization!r}; use llm: qlora, or quantization: none"
+            )
+        if stage.objective == "contrastive" and stage.llm != "frozen":
+            raise ValueError(
+                f"{where}.llm: the contrastive objective uses the frozen LLM as its text tower; set llm: frozen"
+            )
+        if stage.contrastive_temperature <= 0:
+            raise ValueError(
+                f"{where}.contrastive_temperature: expected > 0, got {stage.contrastive_temperature}"
             )
         if stage.init_from in names and names.index(stage.init_from) >= i:
             raise ValueError(

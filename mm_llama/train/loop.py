@@ -58,6 +58,7 @@ from mm_llama.train.config import (
     stage_grad_accumulation,
     validate_train_config,
 )
+from mm_llama.train.contrastive import ContrastiveAligner
 from mm_llama.train.freeze import set_train_modes
 from mm_llama.train.report import HISTORY_FILE, LOSS_PLOT_FILE, Reporter, plot_loss, write_history
 from mm_llama.train.stage import build_stage_model, stage_dir, stage_model_config
@@ -172,8 +173,11 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
         save_config(cfg, Path(cfg.output_dir) / RUN_CONFIG_FILE)
     model = build_stage_model(cfg, name)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped: MultimodalLM = accelerator.unwrap_model(model)
+    trainee: torch.nn.Module = model
+    if stage.objective == "contrastive":
+        trainee = ContrastiveAligner(model, stage.contrastive_temperature)
+    trainee, optimizer = accelerator.prepare(trainee, optimizer)
+    unwrapped: MultimodalLM = model
     sampler, loader = _stage_data(cfg, name, accelerator, unwrapped, accumulation)
     per_epoch = sampler.steps_per_epoch
     total = stage.max_steps if stage.max_steps is not None else math.ceil(stage.epochs * per_epoch)
@@ -205,7 +209,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
         if main:
             prune_checkpoints(out, stage.keep_checkpoints)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in trainee.parameters() if p.requires_grad]
     reporter = Reporter(out, name, total, history["step"], stage.log_every, main)
     saved_step = history["step"]
     boundary_rng = RNGState.capture()  # the RNG at the last step boundary: what a crash checkpoint holds
@@ -219,7 +223,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(accumulation)]
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
-                loss, tokens = _accumulate_gradients(accelerator, model, micro)
+                loss, tokens = _accumulate_gradients(accelerator, trainee, micro, stage.objective)
                 updating = True
                 grad_norm = (
                     float(accelerator.clip_grad_norm_(params, stage.max_grad_norm))
@@ -345,23 +349,27 @@ def _resume_or_start(
 
 
 def _accumulate_gradients(
-    accelerator: Accelerator, model: torch.nn.Module, micro: list[dict[str, Any]]
+    accelerator: Accelerator, model: torch.nn.Module, micro: list[dict[str, Any]], objective: str = "lm"
 ) -> tuple[float, int]:
     """Forward and backward over this process's micro-batches of one global batch.
 
-    Each micro-batch's summed token loss is divided by the supervised-token count of the whole global
-    batch and scaled by processes x accumulation, which undoes accelerate's and DDP's averaging: the
-    gradient is that of the mean over all supervised tokens of the global batch. Returns that mean loss
-    and the global number of (non-padding) tokens."""
+    Each micro-batch's summed loss is divided by the count of the whole global batch (supervised tokens
+    for ``lm``, samples for ``contrastive``) and scaled by processes x accumulation, which undoes
+    accelerate's and DDP's averaging: the gradient is that of the mean over the global batch. Returns
+    that mean loss and the global number of (non-padding) tokens."""
+    contrastive = objective == "contrastive"
     local = torch.tensor(
         [
-            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+            sum(
+                b["labels"].shape[0] if contrastive else int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                for b in micro
+            ),
             sum(int(b["attention_mask"].sum()) for b in micro),
         ],
         device=accelerator.device,
     )
-    label_tokens, tokens = (int(v) for v in accelerator.reduce(local, reduction="sum"))
-    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(label_tokens, 1)
+    units, tokens = (int(v) for v in accelerator.reduce(local, reduction="sum"))
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(units, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro:
         with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
@@ -372,8 +380,11 @@ def _accumulate_gradients(
                 media=batch["media"],
                 features=batch["features"],
             )
-            token_loss = out.loss * out.num_label_tokens  # summed over this micro-batch's tokens
-            accelerator.backward(token_loss * scale)
-            loss_sum += token_loss.detach().float()
-    loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(label_tokens, 1)
+            if contrastive:  # a scalar: the mean InfoNCE over this micro-batch's samples
+                summed = out * batch["labels"].shape[0]
+            else:
+                summed = out.loss * out.num_label_tokens  # summed over this micro-batch's tokens
+            accelerator.backward(summed * scale)
+            loss_sum += summed.detach().float()
+    loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(units, 1)
     return loss, tokens
