@@ -17,7 +17,11 @@ from mm_llama.train.config import (
 from tests.train.conftest import align_stage, instruct_stage, tiny_train_config
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
-PRESETS = ("llava15_stage1", "llava15_stage2_qlora", "anymal_imu", "fuyu_patches")
+PRESETS = ("llava15_stage1", "llava15_stage2_qlora", "anymal_imu", "fuyu_patches", "quickstart")
+
+
+def test_every_preset_file_is_listed() -> None:
+    assert sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) == sorted(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
