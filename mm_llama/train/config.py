@@ -55,8 +55,8 @@ class StageConfig:
     """Conversation files (LLaVA JSON, JSON lines or parquet), relative to the working directory."""
     objective: Objective = "lm"
     """``lm``: next-token loss on the assistant replies (LLaVA's stages). ``contrastive``: ImageBind-style
-    InfoNCE between each record's media (mean projected token) and its caption (the frozen LLM's mean
-    hidden state), to pretrain encoders built from scratch cheaply before ``lm`` stages; see
+    InfoNCE between each record's media (mean projected token) and its caption (the mean of its
+    frozen LLM input embeddings), to pretrain encoders built from scratch cheaply before ``lm`` stages; see
     ``mm_llama.train.contrastive``."""
     contrastive_temperature: float = 0.07
     """Softmax temperature of the contrastive objective."""

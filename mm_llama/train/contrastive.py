@@ -3,9 +3,11 @@
 An encoder with random weights learns slowly through a frozen LLM: the caption loss reaches it through
 the whole decoder, one expensive step at a time. ImageBind instead aligns each modality's encoder to a
 frozen text embedding with InfoNCE, which needs no LLM backward pass. Here the "text tower" is the
-frozen LLM itself: a caption's embedding is the mean of the LLM's last hidden states over the caption
-tokens, and a sample's media embedding is the mean of its projected tokens (projector(encoder(x))), so
-the projector lands in the LLM's embedding space too. Captions come from the stage's labels (the
+frozen LLM's input embedding table: a caption's embedding is the mean of its token embeddings, and a
+sample's media embedding is the mean of its projected tokens (projector(encoder(x))). Both live in the
+space the projector must write into, so the projector is pre-aligned to the LLM's input space too, and
+the objective costs no LLM forward pass at all (running the decoder over the captions would cost more
+than the encoders themselves on a CPU). Captions come from the stage's labels (the
 supervised tokens of a ``plain`` caption record), so the stage reads the same data as stage 1.
 
 Samples with identical captions are positives of each other (soft targets), so templated captions
@@ -76,7 +78,7 @@ class ContrastiveAligner(nn.Module):
 
     @torch.no_grad()
     def caption_embeddings(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D_llm) mean final hidden state of the frozen LLM over each caption, and (B, L) caption ids."""
+        """(B, D_llm) mean input embedding of each caption's tokens, and (B, L) caption ids (-1 padded)."""
         model = self.model
         supervised = labels != IGNORE_INDEX  # (B, T)
         lengths = supervised.sum(1)
@@ -90,11 +92,9 @@ class ContrastiveAligner(nn.Module):
             ids[row, : len(caption)] = caption
             mask[row, : len(caption)] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        hidden = model.llm.get_decoder()(
-            input_ids=ids, attention_mask=mask, use_cache=False
-        ).last_hidden_state
+        embeds = model.llm.get_input_embeddings()(ids)  # (B, L, D)
         weights = mask.unsqueeze(-1).float()
-        return (hidden.float() * weights).sum(1) / weights.sum(1), ids.masked_fill(mask == 0, -1)
+        return (embeds.float() * weights).sum(1) / weights.sum(1), ids.masked_fill(mask == 0, -1)
 
     def forward(
         self,
