@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fixtures import write_toy_world, write_vqav2_official
 from PIL import Image
 
 from mm_llama import MultimodalLM
 from mm_llama.eval import Prediction, Sample, Task, evaluate
 from mm_llama.eval.cli import add_eval_args, run_eval
 from mm_llama.eval.runner import PREDICTIONS_FILE
+from tests.eval.eval_fixtures import write_toy_world, write_vqav2_official
 
 # Answers of the fake model by question text; see test_vqav2_official_json for why they score 98%.
 VQA_OUTPUTS = {

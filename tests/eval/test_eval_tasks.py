@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fixtures import (
+from PIL import Image
+
+from mm_llama.eval import Prediction, Sample, Task, get_task
+from mm_llama.eval.tasks import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
+from tests.eval.eval_fixtures import (
     write_clotho_aqa,
     write_gqa_official,
     write_gqa_parquet,
@@ -22,10 +26,6 @@ from eval_fixtures import (
     write_vqav2_official,
     write_vqav2_parquet,
 )
-from PIL import Image
-
-from mm_llama.eval import Prediction, Sample, Task, get_task
-from mm_llama.eval.tasks import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 
 
 def answer_all(task: Task, outputs: dict[str, str], default: str = "") -> list[Prediction]:
