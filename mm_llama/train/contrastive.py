@@ -10,6 +10,9 @@ the objective costs no LLM forward pass at all (running the decoder over the cap
 than the encoders themselves on a CPU). Captions come from the stage's labels (the
 supervised tokens of a ``plain`` caption record), so the stage reads the same data as stage 1.
 
+A second term keeps each projected token's norm at the mean norm of the caption's word embeddings
+(InfoNCE alone leaves the scale free, and tokens several times larger than any word derail the LLM).
+
 Samples with identical captions are positives of each other (soft targets), so templated captions
 ("a person running") do not push apart media that should match. Negatives are the other samples of the
 process's micro-batch.
@@ -44,13 +47,14 @@ class ContrastiveAligner(nn.Module):
         input_ids: torch.Tensor,
         media: dict[str, list[torch.Tensor]],
         features: dict[str, list[torch.Tensor]],
-    ) -> torch.Tensor:
-        """(B, D_llm): the mean projected media token of each sample."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D_llm) the mean projected media token of each sample, and (K,) the norm of every token."""
         model = self.model
         batch, device = input_ids.shape[0], model.device
         dim = model.llm.get_input_embeddings().embedding_dim
         sums = torch.zeros(batch, dim, device=device)
         counts = torch.zeros(batch, device=device)
+        norms = []
         for name, pid in model.processor.placeholder_ids.items():
             items = features.get(name) or media.get(name) or []
             if not items:
@@ -69,16 +73,18 @@ class ContrastiveAligner(nn.Module):
                 slots[row] -= t.shape[0]
             for row, t in zip(owners, tokens):
                 sums[row] = sums[row] + t.float().mean(0)
+                norms.append(t.float().norm(dim=-1))
                 counts[row] += 1
         if bool((counts == 0).any()):
             raise ValueError(
                 "contrastive stage: every record needs a media item (a caption record: '<image>' + caption)"
             )
-        return sums / counts.unsqueeze(-1)
+        return sums / counts.unsqueeze(-1), torch.cat(norms)
 
     @torch.no_grad()
-    def caption_embeddings(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D_llm) mean input embedding of each caption's tokens, and (B, L) caption ids (-1 padded)."""
+    def caption_embeddings(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D_llm) mean input embedding of each caption's tokens, (B, L) caption ids (-1 padded), and
+        the mean norm of those token embeddings (a scalar)."""
         model = self.model
         supervised = labels != IGNORE_INDEX  # (B, T)
         lengths = supervised.sum(1)
@@ -94,7 +100,8 @@ class ContrastiveAligner(nn.Module):
         ids, mask = ids.to(model.device), mask.to(model.device)
         embeds = model.llm.get_input_embeddings()(ids)  # (B, L, D)
         weights = mask.unsqueeze(-1).float()
-        return (embeds.float() * weights).sum(1) / weights.sum(1), ids.masked_fill(mask == 0, -1)
+        token_norm = embeds.float().norm(dim=-1)[mask.bool()].mean()
+        return (embeds.float() * weights).sum(1) / weights.sum(1), ids.masked_fill(mask == 0, -1), token_norm
 
     def forward(
         self,
@@ -105,15 +112,19 @@ class ContrastiveAligner(nn.Module):
         **_: Any,
     ) -> torch.Tensor:
         """Mean symmetric InfoNCE over the batch (a scalar)."""
-        z_media = F.normalize(self.media_embeddings(input_ids, media or {}, features or {}), dim=-1)  # (B, D)
-        text, caption_ids = self.caption_embeddings(labels)
+        pooled, norms = self.media_embeddings(input_ids, media or {}, features or {})
+        z_media = F.normalize(pooled, dim=-1)  # (B, D)
+        text, caption_ids, word_norm = self.caption_embeddings(labels)
         z_text = F.normalize(text, dim=-1)  # (B, D)
         logits = z_media @ z_text.T / self.temperature  # (B, B)
         same = _same_rows(caption_ids).float()  # identical captions are positives of each other
         targets = same / same.sum(1, keepdim=True)
         loss_media = -(targets * F.log_softmax(logits, dim=1)).sum(1)
         loss_text = -(targets * F.log_softmax(logits.T, dim=1)).sum(1)
-        return ((loss_media + loss_text) / 2).mean()
+        # InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
+        # the LLM later reads tokens 3-10x larger than any word it knows.
+        scale = ((norms / word_norm - 1.0) ** 2).mean()
+        return ((loss_media + loss_text) / 2).mean() + scale
 
 
 def _same_rows(ids: torch.Tensor) -> torch.Tensor:

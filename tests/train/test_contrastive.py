@@ -60,7 +60,7 @@ def test_identical_captions_are_positives(colour_world: dict[str, Path]) -> None
     ]
     batch = model.processor.collate(examples)
     aligner = ContrastiveAligner(model, temperature=0.07)
-    _, ids = aligner.caption_embeddings(batch["labels"])
+    _, ids, _ = aligner.caption_embeddings(batch["labels"])
     assert _same_rows(ids).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
     loss = aligner(input_ids=batch["input_ids"], labels=batch["labels"], media=batch["media"])
     assert loss.ndim == 0 and torch.isfinite(loss)
