@@ -47,7 +47,7 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
+from mm_llama.encoders.base import ModalityEncoder, load_weights, pre_norm_transformer, read_bytes
 
 SAMPLE_RATE = 16000
 """Whisper's and the fbank encoder's sample rate (Hz)."""
@@ -523,16 +523,7 @@ class AudioTransformerEncoder(WindowedAudioEncoder):
         )
         stem_bins = math.ceil(N_FBANK_BINS / self.STEM_STRIDE)
         self.proj = nn.Linear(c * stem_bins, options.width)
-        layer = nn.TransformerEncoderLayer(
-            options.width,
-            options.heads,
-            dim_feedforward=4 * options.width,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, options.depth, enable_nested_tensor=False)
+        self.blocks = pre_norm_transformer(options.width, options.heads, options.depth)
         self.norm = nn.LayerNorm(options.width)
         if options.weights is not None:
             load_weights(self, options.weights, "audio_transformer encoder (options.weights)")

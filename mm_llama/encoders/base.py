@@ -133,6 +133,20 @@ def load_weights(module: nn.Module, path: str, what: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEncoder:
+    """The from-scratch encoders' trunk: ``depth`` pre-norm GELU layers, batch first, no dropout, FFN 4x."""
+    layer = nn.TransformerEncoderLayer(
+        width,
+        heads,
+        dim_feedforward=4 * width,
+        dropout=0.0,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:
     """Instantiate the encoder named by ``cfg.type`` with its validated options, and freeze it if asked."""
     cls = ENCODERS.get(cfg.type)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mm_llama.encoders.audio import split_windows
-from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
+from mm_llama.encoders.base import ModalityEncoder, load_weights, pre_norm_transformer, read_bytes
 
 SAMPLE_RATE = 200.0
 """Hz; Ego4D's IMU rate, as ImageBind uses it."""
@@ -429,16 +429,7 @@ class IMUTransformerEncoder(IMUEncoder):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, options.width))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            options.width,
-            options.heads,
-            dim_feedforward=4 * options.width,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, options.depth, enable_nested_tensor=False)
+        self.blocks = pre_norm_transformer(options.width, options.heads, options.depth)
         self.norm = nn.LayerNorm(options.width)
         if options.weights is not None:
             load_weights(self, options.weights, "imu_transformer encoder (options.weights)")
