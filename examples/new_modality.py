@@ -50,8 +50,9 @@ from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.train import StageConfig, TrainConfig, build_stage_model, train
 
 # ---- the plugin: a modality, an encoder, two registry lines ---------------------------------------------
-MAX_DEPTH_M = 10.0
-"""Depths are clipped to [0, MAX_DEPTH_M] metres and scaled to [0, 1]; missing readings (NaN) become 0."""
+MIN_DEPTH_M = 0.1
+"""The encoder sees inverse depth (1/m, as depth networks such as MiDaS do): near surfaces stand out,
+and missing readings (NaN, 0 or negative) become 0, "infinitely far". Closer depths are clipped here."""
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DepthEncoder(ModalityEncoder):
             nn.AdaptiveAvgPool2d(options.grid),
         )
         self.position = nn.Parameter(0.02 * torch.randn(options.grid**2, options.width))
+        self.norm = nn.LayerNorm(options.width)  # O(1) tokens, whatever the scale of the input
 
     @property
     def output_dim(self) -> int:
@@ -93,7 +95,8 @@ class DepthEncoder(ModalityEncoder):
         return False  # random weights: trainable by default, saved with the projector
 
     def preprocess(self, item: Any) -> torch.Tensor:
-        """A ``.npy`` path, bytes or file object, an array or a tensor (H, W) in metres -> (1, size, size)."""
+        """A ``.npy`` path, bytes or file object, an array or a tensor (H, W) in metres -> (1, size, size)
+        inverse depth."""
         name = "<depth array>"
         if isinstance(item, (str, Path, bytes, io.IOBase)):
             data, name = read_bytes(item, "depth map")
@@ -101,13 +104,14 @@ class DepthEncoder(ModalityEncoder):
         depth = torch.as_tensor(np.asarray(item), dtype=torch.float32)  # (H, W)
         if depth.ndim != 2:
             raise ValueError(f"depth map {name}: expected a 2-D (H, W) array, got shape {tuple(depth.shape)}")
-        depth = torch.nan_to_num(depth, nan=0.0).clamp(0.0, MAX_DEPTH_M) / MAX_DEPTH_M
+        depth = torch.nan_to_num(depth, nan=0.0)
+        inverse = torch.where(depth > 0, 1.0 / depth.clamp(min=MIN_DEPTH_M), 0.0)  # (H, W) in 1/m
         size = (self.options.size, self.options.size)
-        return F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0]
+        return F.interpolate(inverse[None, None], size=size, mode="bilinear", align_corners=False)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cells = self.body(x.to(self.dtype))  # (B, width, grid, grid)
-        return cells.flatten(2).transpose(1, 2) + self.position  # (B, grid * grid, width)
+        return self.norm(cells.flatten(2).transpose(1, 2) + self.position)  # (B, grid * grid, width)
 
     def num_tokens(self, x: torch.Tensor) -> int:
         return self.options.grid**2
@@ -141,7 +145,7 @@ def depth_scene(rng: np.random.Generator, side: str, distance: str) -> tuple[np.
     depth[top:bottom, left : left + rng.integers(16, 22)] = box
     depth *= 1.0 + NOISE * rng.standard_normal(MAP_SHAPE)
     depth[rng.random(MAP_SHAPE) < HOLES] = np.nan
-    caption = f"A box on the {side}, {box:.1f} m away, in front of a wall {wall:.1f} m away."
+    caption = f"A {distance} box on the {side}, about {round(box)} m away, in front of a wall."
     return depth.astype(np.float32), caption
 
 
@@ -187,7 +191,7 @@ TINY_LLAMA: dict[str, Any] = {
 """``--llm tiny``: a random 2-layer Llama (as in the tests), with SmolLM2's tokenizer."""
 SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"lr": 1e-2, "steps": 4, "n_train": 16},
-    "smollm2-135m": {"lr": 1e-3, "steps": 60, "n_train": 64},
+    "smollm2-135m": {"lr": 3e-3, "steps": 150, "n_train": 64},
 }
 """Per LLM: the learning rate of the projector and the encoder, default steps, training maps."""
 N_EVAL = 8
@@ -256,14 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     model = MultimodalLM.from_pretrained(checkpoint).eval()  # needs the plugin registered: it is, above
     after = mean_loss(model, files["eval"])
 
-    record = next(r for r in json.loads(files["eval"].read_text()) if r["id"].endswith("-distance"))
-    depth_map = files["eval"].parent / record["depth"]
-    answer = model.generate(f"{DEPTH_MARKER}\n{NEAR_OR_FAR}", media={"depth": [depth_map]}, max_new_tokens=8)
     print(f"eval loss before training: {before:.4f}")
     print(f"eval loss after training: {after:.4f}")
     print(f"checkpoint: {checkpoint}")
-    print(f"question: {NEAR_OR_FAR} ({record['depth']}; expected: {record['conversations'][1]['value']})")
-    print(f"answer: {answer}")
+    questions = [r for r in json.loads(files["eval"].read_text()) if r["id"].endswith("-distance")]
+    for expected in ("Near.", "Far."):  # one held-out map of each kind
+        record = next(r for r in questions if r["conversations"][1]["value"] == expected)
+        depth_map = files["eval"].parent / record["depth"]
+        answer = model.generate(
+            f"{DEPTH_MARKER}\n{NEAR_OR_FAR}", media={"depth": [depth_map]}, max_new_tokens=8
+        )
+        print(f"question: {NEAR_OR_FAR} ({record['depth']}; expected: {expected})")
+        print(f"answer: {answer}")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,15 @@ def test_the_documented_training_yaml_has_the_train_config_layout() -> None:
     cfg = from_dict(TrainConfig, yaml.safe_load(block.group(1)))
     assert cfg.model.modalities["depth"].encoder.type == "depth_cnn"
     assert list(cfg.stages) == ["align"]
+
+
+def test_the_documented_encoder_is_the_example_encoder() -> None:
+    block = re.search(
+        r"^(class DepthEncoder\(ModalityEncoder\):$.*?)^```$", DOC.read_text(), re.MULTILINE | re.DOTALL
+    )
+    assert block, f"no DepthEncoder code block in {DOC}"
+    example_lines = {line.strip() for line in EXAMPLE.read_text().splitlines()}
+    stale = [
+        line for line in block.group(1).splitlines() if line.strip() and line.strip() not in example_lines
+    ]
+    assert not stale, f"{DOC} shows lines that examples/new_modality.py no longer has: {stale}"
