@@ -2,14 +2,14 @@
 
 Run it::
 
-    python examples/new_modality.py --out runs/depth                 # SmolLM2-135M, a few minutes on a CPU
+    python examples/new_modality.py --out runs/depth                        # SmolLM2-135M, ~5 min on a CPU
     python examples/new_modality.py --out runs/depth --llm tiny --steps 4   # a random 2-layer LLM, seconds
 
 Importing this file is all a plugin needs: it registers the ``depth`` modality (marker ``<depth>``) and
 the ``depth_cnn`` encoder. Running it also writes a toy depth dataset (a box on the left or the right,
 near or far, in front of a wall) into ``--out``, writes the training config ``<out>/train.yaml``, trains
 the projector and the from-scratch encoder with ``mm_llama.train.train``, loads the result with
-``MultimodalLM.from_pretrained`` and answers a question about a held-out depth map. The same config
+``MultimodalLM.from_pretrained`` and asks it about a held-out near box and a held-out far box. The same config
 trains from the command line once the plugin is imported::
 
     mm-llama train --plugin examples/new_modality.py --config runs/depth/train.yaml
@@ -191,7 +191,7 @@ TINY_LLAMA: dict[str, Any] = {
 """``--llm tiny``: a random 2-layer Llama (as in the tests), with SmolLM2's tokenizer."""
 SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"lr": 1e-2, "steps": 4, "n_train": 16},
-    "smollm2-135m": {"lr": 3e-3, "steps": 150, "n_train": 64},
+    "smollm2-135m": {"lr": 3e-3, "steps": 200, "n_train": 64},
 }
 """Per LLM: the learning rate of the projector and the encoder, default steps, training maps."""
 N_EVAL = 8
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/depth"), help="folder for data, config, run")
     parser.add_argument("--llm", choices=list(SETTINGS), default="smollm2-135m")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: 4 for tiny, 60 for SmolLM2)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: 4 for tiny, 200 for SmolLM2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = SETTINGS[args.llm]
