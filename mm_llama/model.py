@@ -18,6 +18,7 @@ Checkpoint folder (safetensors only)::
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -315,7 +316,8 @@ class MultimodalLM(nn.Module):
     # ---- save / load -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, copy_llm: bool = False) -> Path:
         """Write the checkpoint folder (see the module docstring). The LLM and pretrained frozen encoders
-        are referenced by id/path; ``copy_llm=True`` also writes the LLM (LoRA merged in) to ``llm/``."""
+        are referenced by id/path; ``copy_llm=True`` also writes the LLM to ``llm/``, with a LoRA adapter
+        merged into it (this model's LLM is then the merged one, and no ``adapter/`` is written)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
@@ -331,12 +333,14 @@ class MultimodalLM(nn.Module):
                 enc_state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
                 save_file(enc_state, path / ENCODERS_DIR / f"{name}.safetensors")
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
-        if hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(path / ADAPTER_DIR)
         if copy_llm:
-            llm = self.llm.merge_and_unload() if hasattr(self.llm, "merge_and_unload") else self.llm
-            llm.save_pretrained(path / LLM_DIR, safe_serialization=True)
+            if hasattr(self.llm, "merge_and_unload"):  # the adapter goes into the copy, not beside it
+                self.llm = self.llm.merge_and_unload()
+                shutil.rmtree(path / ADAPTER_DIR, ignore_errors=True)
+            self.llm.save_pretrained(path / LLM_DIR, safe_serialization=True)
             config = replace(config, llm=replace(config.llm, name_or_path=LLM_DIR, from_config=None))
+        elif hasattr(self.llm, "peft_config"):
+            self.llm.save_pretrained(path / ADAPTER_DIR)
         save_config(config, path / CONFIG_FILE)
         return path
 

@@ -200,3 +200,23 @@ def test_pretrained_encoder_is_frozen_and_referenced(tmp_path, rgb_image: np.nda
     assert torch.equal(
         loaded.encoders["image"].preprocess(rgb_image), model.encoders["image"].preprocess(rgb_image)
     )
+
+
+def test_copy_llm_merges_lora_once(tiny_model: MultimodalLM, rgb_image: np.ndarray, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tiny_model.llm = get_peft_model(
+        tiny_model.llm, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    for name, param in tiny_model.llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # a non-zero update, so merging matters
+    batch = tiny_model.processor.collate([tiny_model.processor("<image> hi", {"image": [rgb_image]})])
+    with torch.no_grad():
+        before = tiny_model(**batch, return_logits=True).logits
+    tiny_model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    assert not (tmp_path / "ckpt" / "adapter").exists()  # merged into llm/, not applied a second time
+    loaded = MultimodalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        after = loaded(**batch, return_logits=True).logits
+    assert torch.allclose(before, after, atol=1e-5)
