@@ -371,16 +371,25 @@ class MultimodalLM(nn.Module):
         model._load_trained(path)
         return model
 
-    def _load_trained(self, path: Path) -> None:
+    def load_trained_parts(self, path: Path, missing_projectors_ok: bool = False) -> None:
+        """Load the projector and encoder weights that :meth:`save_pretrained` wrote into ``path`` (not
+        the adapter). With ``missing_projectors_ok``, a modality the saved model lacks keeps its fresh
+        projector (a warning says so); otherwise strict loading raises."""
         state = load_file(path / PROJECTORS_FILE)
         for name, projector in self.projectors.items():
             prefix = f"{name}."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not sub and missing_projectors_ok:
+                logger.warning("%s has no %s projector: it starts from random weights", path, name)
+                continue
             projector.load_state_dict(sub, strict=True)
         for name, encoder in self.encoders.items():
             file = path / ENCODERS_DIR / f"{name}.safetensors"
             if file.is_file():
                 encoder.load_state_dict(load_file(file), strict=True)
+
+    def _load_trained(self, path: Path) -> None:
+        self.load_trained_parts(path)
         if (path / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 from peft import PeftModel
-from safetensors.torch import load_file
 
 from mm_llama.config import ModelConfig
 from mm_llama.model import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE, MultimodalLM
@@ -56,18 +55,7 @@ def resolve_init_from(cfg: TrainConfig, name: str) -> Path | None:
 def load_saved_parts(model: MultimodalLM, path: Path) -> None:
     """Load the projectors and encoder weights that ``save_pretrained`` wrote into ``path``. A modality
     that the saved model lacks keeps its fresh projector (a warning says so)."""
-    state = load_file(str(path / PROJECTORS_FILE))
-    for name, projector in model.projectors.items():
-        prefix = f"{name}."
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not sub:
-            logger.warning("%s has no %s projector: it starts from random weights", path, name)
-            continue
-        projector.load_state_dict(sub, strict=True)
-    for name, encoder in model.encoders.items():
-        file = path / ENCODERS_DIR / f"{name}.safetensors"
-        if file.is_file():
-            encoder.load_state_dict(load_file(str(file)), strict=True)
+    model.load_trained_parts(path, missing_projectors_ok=True)
     logger.info(
         "initialised projectors%s from %s", " and encoders" if (path / ENCODERS_DIR).is_dir() else "", path
     )
