@@ -78,6 +78,18 @@ def test_train_from_the_command_line_with_the_example_as_plugin(
     assert (out / "align" / ENCODERS_DIR / "depth.safetensors").is_file()
 
 
+def test_chat_with_the_plugin_modality_from_the_command_line(example_run: tuple[Path, str]) -> None:
+    out, stdout = example_run
+    checkpoint = printed(r"^checkpoint: (.+)$", stdout)
+    depth_map = sorted((out / "data" / "maps").glob("*.npy"))[0]
+    args = ["chat", "--checkpoint", checkpoint, "--media", f"depth={depth_map}", "--max-new-tokens", "3"]
+    without = run_python("-m", "mm_llama.cli", *args, "Is it near or far?")
+    assert without.returncode != 0 and "depth" in without.stderr  # the checkpoint names an unknown modality
+    result = run_python("-m", "mm_llama.cli", *args, "--plugin", str(EXAMPLE), "Is it near or far?")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip()  # the tiny random LLM's answer: any text
+
+
 def test_a_missing_plugin_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.py"
     args = add_train_args(argparse.ArgumentParser()).parse_args(

@@ -14,10 +14,12 @@ from typing import Any
 
 from mm_llama.eval.runner import evaluate, metrics_table
 from mm_llama.eval.tasks import TASKS
+from mm_llama.plugins import add_plugin_arg
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Add the eval options to ``parser``."""
+    add_plugin_arg(parser)
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder saved by training")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="benchmark to run")
     parser.add_argument(

@@ -4,15 +4,13 @@ point wires them in; ``python -m mm_llama.train`` runs training alone, e.g. unde
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mm_llama.data.feature_cache import DEFAULT_BATCH_SIZE, cache_features, frozen_modalities
+from mm_llama.plugins import add_plugin_arg, import_plugins
 from mm_llama.train.config import TrainConfig, load_train_config
 from mm_llama.train.loop import train
 from mm_llama.train.stage import build_stage_model
@@ -21,14 +19,7 @@ from mm_llama.train.stage import build_stage_model
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--config FILE [--stages align instruct] [--output-dir DIR] [--no-resume] [--plugin FILE ...]``."""
     parser.add_argument("--config", required=True, type=Path, help="training YAML (see training/configs/)")
-    parser.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="FILE",
-        help="a Python file to import first, e.g. one that registers a modality and its encoder (repeatable)",
-    )
+    add_plugin_arg(parser)
     parser.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to run, in order (default: all)")
     parser.add_argument("--output-dir", help="run folder; overrides output_dir in the config")
     parser.add_argument(
@@ -52,21 +43,10 @@ def run_train(args: argparse.Namespace) -> Path:
     return train(_config(args), args.stages)
 
 
-def import_plugins(files: Sequence[Path]) -> None:
-    """Import each file as module ``mm_llama_plugin_<stem>``, so that its registrations run (e.g.
-    ``register_modality`` and ``register_encoder``, see docs/new_modality.md) before a config names them."""
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"--plugin: file not found: {file}")
-        spec = importlib.util.spec_from_file_location(f"mm_llama_plugin_{file.stem}", file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and typing resolve the module's annotations there
-        spec.loader.exec_module(module)
-
-
 def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--config FILE [--stages align] [--out DIR] [--batch-size N] [--dtype float16]``."""
+    """``--config FILE [--stages align] [--out DIR] [--batch-size N] [--dtype float16] [--plugin FILE ...]``."""
     parser.add_argument("--config", required=True, type=Path, help="training YAML whose stage data to cache")
+    add_plugin_arg(parser)
     parser.add_argument(
         "--stages",
         nargs="+",
@@ -83,6 +63,7 @@ def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_cache_features(args: argparse.Namespace) -> list[Path]:
     """Precompute the frozen encoders' features of the selected stages' data; returns the cache folders."""
+    import_plugins(args.plugin)
     cfg = load_train_config(args.config)
     names = args.stages or [n for n, s in cfg.stages.items() if s.feature_cache is not None]
     if not names:
