@@ -3,7 +3,10 @@
 The page shows one input per modality the checkpoint has (``model.config.modalities``), a question box,
 sampling controls and a chat whose last reply grows token by token. The logic lives in :func:`answer`, a
 plain generator that needs no browser; :func:`build_app` only lays out components and wires them to it.
-Each question is answered on its own with the media currently given (the model sees no earlier turns).
+The chat is multi-turn: the model sees the earlier questions and replies (a :class:`Conversation` kept per
+browser session), so "And how many are there?" refers to the image already given. A media item is attached
+(its marker added) in the turn where it is first given; the same item given again is not attached twice,
+and a new one joins the conversation where it appears. Clearing the chat starts a new conversation.
 Only the public API is used: ``MultimodalLM.from_pretrained`` and ``model.generate(..., stream=True)``.
 
 Run it with ``mm-llama demo --checkpoint DIR`` or ``python demo/app.py --checkpoint DIR``; it binds to
@@ -16,6 +19,7 @@ import html
 import logging
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,25 @@ History = list[dict[str, Any]]
 """The chat in Gradio's messages format: ``{"role": "user" | "assistant", "content": ...}`` dicts."""
 
 
+@dataclass
+class Conversation:
+    """What the model sees of a chat: the turns with their media markers, and the media in marker order."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    media: dict[str, list[MediaItem]] = field(default_factory=dict)
+
+    def attached(self, name: str, item: MediaItem) -> bool:
+        """Whether ``item`` is the last ``name`` item already in the conversation."""
+        if not self.media.get(name):
+            return False
+        last = self.media[name][-1]
+        if isinstance(item, np.ndarray) or isinstance(last, np.ndarray):
+            return (
+                isinstance(item, np.ndarray) and isinstance(last, np.ndarray) and np.array_equal(item, last)
+            )
+        return str(item) == str(last)
+
+
 def answer(
     model: MultimodalLM,
     question: str,
@@ -50,31 +73,43 @@ def answer(
     history: History | None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
+    conversation: Conversation | None = None,
 ) -> Iterator[History]:
     """Append the question and a streamed reply to the chat, yielding the whole chat after each piece.
 
-    ``media`` maps a modality to its one item, or ``None`` when not given; a marker (``<image>``, ...) is
-    added to the question for each item unless the question already places it. ``temperature`` 0 is
-    greedy decoding. Any error (an unreadable file, markers that do not match the media, ...) becomes
-    the assistant's message, so the page never breaks; its traceback goes to the log. The question and
-    error texts are HTML-escaped, since the chat renders Markdown and would take ``<image>`` or
-    ``<video>`` for a tag. Each yield is a new list, so a caller may keep them. A blank question with no
-    media yields the chat unchanged.
+    ``media`` maps a modality to its one item, or ``None`` when not given. ``conversation`` holds the
+    earlier turns the model sees; it gains this question and its reply once the reply is complete (a
+    failed turn leaves it unchanged). An item it already holds (the last one of its modality) is not
+    attached again, unless the question places its marker itself; a new item gets a marker (``<image>``,
+    ...) added to the question. ``temperature`` 0 is greedy decoding. Any error (an unreadable file,
+    markers that do not match the media, ...) becomes the assistant's message, so the page never breaks;
+    its traceback goes to the log. The question and error texts are HTML-escaped, since the chat renders
+    Markdown and would take ``<image>`` or ``<video>`` for a tag. Each yield is a new list, so a caller
+    may keep them. A blank question with no new media yields the chat unchanged.
     """
     history = list(history or [])
-    given = {name: [item] for name, item in media.items() if item is not None}
+    conversation = conversation if conversation is not None else Conversation()
     question = question.strip()
-    if not question and not given:
+    new = {
+        name: [item]
+        for name, item in media.items()
+        if item is not None and (f"<{name}>" in question or not conversation.attached(name, item))
+    }
+    if not question and not new:
         yield history
         return
-    shown = f"{question}\n\n(with {', '.join(given)})" if given else question
+    shown = f"{question}\n\n(with {', '.join(new)})" if new else question
     history.append({"role": "user", "content": html.escape(shown, quote=False)})
     yield [*history, {"role": "assistant", "content": ""}]
+    turn = {"role": "user", "content": build_prompt(question, new)}
+    all_media = {
+        name: conversation.media.get(name, []) + new.get(name, []) for name in {*conversation.media, *new}
+    }
     reply = ""
     try:
         pieces = model.generate(
-            build_prompt(question, given),
-            media=given,
+            [*conversation.messages, turn],
+            media=all_media,
             max_new_tokens=int(max_new_tokens),
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
@@ -86,6 +121,9 @@ def answer(
     except Exception as e:  # the UI boundary: show the error in the chat instead of failing the request
         logger.exception("demo: could not answer %r", question)
         yield [*history, {"role": "assistant", "content": html.escape(f"Error: {e}", quote=False)}]
+        return
+    conversation.messages += [turn, {"role": "assistant", "content": reply.strip()}]
+    conversation.media = all_media
 
 
 def media_input(name: str) -> gr.components.Component:
@@ -125,16 +163,28 @@ def build_app(model: MultimodalLM) -> gr.Blocks:
                     send = gr.Button("Send", variant="primary")
                     gr.ClearButton([question, chatbot, *inputs], value="Clear")
 
+        state = gr.State(None)  # this browser session's Conversation
+
         def respond(
-            question_text: str, history: History, tokens: float, temp: float, *items: MediaItem
-        ) -> Iterator[tuple[History, str]]:
-            for chat in answer(model, question_text, dict(zip(names, items)), history, int(tokens), temp):
-                yield chat, ""
+            question_text: str,
+            history: History,
+            tokens: float,
+            temp: float,
+            conversation: Conversation | None,
+            *items: MediaItem,
+        ) -> Iterator[tuple[History, str, Conversation]]:
+            if conversation is None or not history:  # a new session, or the chat was cleared
+                conversation = Conversation()
+            chats = answer(
+                model, question_text, dict(zip(names, items)), history, int(tokens), temp, conversation
+            )
+            for chat in chats:
+                yield chat, "", conversation
 
         wiring: dict[str, Any] = {
             "fn": respond,
-            "inputs": [question, chatbot, max_new_tokens, temperature, *inputs],
-            "outputs": [chatbot, question],
+            "inputs": [question, chatbot, max_new_tokens, temperature, state, *inputs],
+            "outputs": [chatbot, question, state],
         }
         send.click(**wiring)
         question.submit(**wiring)

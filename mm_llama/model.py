@@ -50,6 +50,10 @@ ADAPTER_DIR = "adapter"
 LLM_DIR = "llm"
 
 
+Prompt = str | Sequence[dict[str, str]]
+"""A user message, or a conversation (role/content turns, the last one the user's) to continue."""
+
+
 @dataclass
 class MultimodalOutput:
     """What ``forward`` returns: the mean token loss over labelled positions, and full logits if asked."""
@@ -213,8 +217,9 @@ class MultimodalLM(nn.Module):
             merged[name] = value
         return merged
 
-    def prepare(self, prompts: Sequence[str], media: dict[str, Sequence[Sequence[Any]]]) -> dict[str, Any]:
-        """Tokenize prompts for generation, left-padded; ``media[m][i]`` holds prompt i's items."""
+    def prepare(self, prompts: Sequence[Prompt], media: dict[str, Sequence[Sequence[Any]]]) -> dict[str, Any]:
+        """Tokenize prompts (strings or conversations) for generation, left-padded; ``media[m][i]`` holds
+        prompt i's items."""
         examples = []
         for i, prompt in enumerate(prompts):
             per_prompt = {}
@@ -225,6 +230,10 @@ class MultimodalLM(nn.Module):
                         f"{len(per_batch)} entries"
                     )
                 per_prompt[name] = per_batch[i]
+            if not isinstance(prompt, str) and (
+                not prompt or prompt[-1].get("role", prompt[-1].get("from")) not in ("user", "human")
+            ):
+                raise ValueError(f"prompt {i}: a conversation to answer must end with a user turn")
             examples.append(
                 self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
             )
@@ -233,7 +242,7 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: Prompt | Sequence[Prompt],
         images: Sequence[Any] | None = None,
         audios: Sequence[Any] | None = None,
         videos: Sequence[Any] | None = None,
@@ -248,13 +257,16 @@ class MultimodalLM(nn.Module):
     ) -> str | list[str] | Iterator[str]:
         """Answer prompts that contain media markers.
 
-        One prompt (a string): each media argument is the flat list of items for its markers, in order;
-        returns a string, or with ``stream=True`` an iterator of text pieces. Several prompts (a list):
-        each media argument holds one list per prompt; returns a list of strings (batched, left-padded).
+        A prompt is a user message (a string) or a whole conversation so far: a list of ``{"role",
+        "content"}`` (or LLaVA ``{"from", "value"}``) turns ending with the user's, so a follow-up question
+        sees the earlier turns and their media. One prompt: each media argument is the flat list of items
+        for its markers, in order of appearance; returns a string, or with ``stream=True`` an iterator of
+        text pieces. Several prompts (a list of them): each media argument holds one list per prompt;
+        returns a list of strings (batched, left-padded).
         Plugin modalities go in ``media={"depth": [...]}``. Greedy by default; ``do_sample=True`` samples
         with ``temperature`` / ``top_p``. Other keyword arguments go to transformers' ``generate``.
         """
-        single = isinstance(prompts, str)
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))
         merged = self._media_kwargs(images, audios, videos, imus, media)
         if single:
             prompt_list = [prompts]

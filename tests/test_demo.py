@@ -22,7 +22,7 @@ gr = pytest.importorskip("gradio")
 
 from mm_llama import EncoderConfig, ModalityConfig, MultimodalLM, ProjectorConfig  # noqa: E402
 from mm_llama.cli import main as cli_main  # noqa: E402
-from mm_llama.demo import answer, build_app, media_input  # noqa: E402
+from mm_llama.demo import Conversation, answer, build_app, media_input  # noqa: E402
 from tests.conftest import tiny_config, tiny_image_modality  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,35 @@ def test_errors_become_chat_messages(model: MultimodalLM, image: np.ndarray, tmp
     assert "1 &lt;image&gt; marker(s) in the text but 0 image input(s)" in missing[-1]["content"]
 
 
+def test_follow_up_questions_see_the_earlier_turns(model: MultimodalLM, image: np.ndarray) -> None:
+    conversation = Conversation()
+    first = list(answer(model, "What is it?", {"image": image}, [], 6, 0.0, conversation))[-1]
+    reply = first[1]["content"]
+    assert conversation.messages == [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": reply},
+    ]
+    # the same picture again (a new array, as gradio hands over) is not attached twice
+    second = list(answer(model, "And its colour?", {"image": image.copy()}, first, 6, 0.0, conversation))[-1]
+    assert second[2] == {"role": "user", "content": "And its colour?"}
+    turns = [*conversation.messages[:2], {"role": "user", "content": "And its colour?"}]
+    assert second[3]["content"] == model.generate(turns, images=[image], max_new_tokens=6)
+    assert len(conversation.messages) == 4 and len(conversation.media["image"]) == 1
+
+    other = np.flipud(image).copy()  # a new picture joins the conversation where it is given
+    third = list(answer(model, "And now?", {"image": other}, second, 6, 0.0, conversation))[-1]
+    assert third[4] == {"role": "user", "content": "And now?\n\n(with image)"}
+    assert conversation.messages[4] == {"role": "user", "content": "<image>\nAnd now?"}
+    assert len(conversation.media["image"]) == 2 and conversation.media["image"][1] is other
+
+    before = copy.deepcopy(conversation.messages)  # a failed turn leaves the conversation as it was
+    failed = list(
+        answer(model, "Compare <image> and <image>.", {"image": other}, third, 4, 0.0, conversation)
+    )
+    assert failed[-1][-1]["content"].startswith("Error:")
+    assert conversation.messages == before and len(conversation.media["image"]) == 2
+
+
 def test_blank_question_without_media_changes_nothing(model: MultimodalLM) -> None:
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert list(answer(model, "   ", {"image": None}, history, 4, 0.0)) == [history]
@@ -176,6 +205,18 @@ def test_app_serves_the_page_and_answers(
     expected = model.generate("<image>\nWhat is it?", images=[image], max_new_tokens=6)
     assert [m["role"] for m in chat] == ["user", "assistant"]
     assert chat[1]["content"][0]["text"] == expected
+
+    # the follow-up sees the first turn: the session keeps the conversation between calls
+    chat, _ = client.predict(
+        "Why?", chat, 6, 0.0, handle_file(str(tmp_path / "photo.png")), api_name="/respond"
+    )
+    turns = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "Why?"},
+    ]
+    assert [m["role"] for m in chat] == ["user", "assistant"] * 2
+    assert chat[3]["content"][0]["text"] == model.generate(turns, images=[image], max_new_tokens=6)
 
 
 def test_cli_and_launcher_serve_the_checkpoint(

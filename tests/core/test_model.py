@@ -37,10 +37,13 @@ def test_plain_template_supervises_caption_only(rgb_image: np.ndarray) -> None:
     example = model.processor(
         [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}], {"image": [rgb_image]}
     )
-    assert example.input_ids[:N_IMAGE_TOKENS] == [model.processor.placeholder_ids["image"]] * N_IMAGE_TOKENS
+    # BOS first (as LLaVA's plain template has it: the media are not the attention-sink position)
+    assert example.input_ids[0] == model.tokenizer.bos_token_id is not None
+    placeholders = [model.processor.placeholder_ids["image"]] * N_IMAGE_TOKENS
+    assert example.input_ids[1 : 1 + N_IMAGE_TOKENS] == placeholders
     supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert model.tokenizer.decode(supervised) == "a cat<|im_end|>"
-    assert len(example.input_ids) == N_IMAGE_TOKENS + len(supervised)
+    assert len(example.input_ids) == 1 + N_IMAGE_TOKENS + len(supervised)
 
 
 def test_fallback_template_without_chat_template(rgb_image: np.ndarray) -> None:
@@ -152,6 +155,41 @@ def test_generate_single_batched_and_streaming(tiny_model: MultimodalLM, rgb_ima
     assert isinstance(sampled, str)
     with pytest.raises(ValueError, match="one list per prompt"):
         tiny_model.generate(["<image>", "<image>"], images=[[rgb_image]])
+
+
+def test_generate_continues_a_conversation(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    conversation = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A striped flag."},
+        {"role": "user", "content": "What colour is it?"},
+    ]
+    reply = tiny_model.generate(conversation, images=[rgb_image], max_new_tokens=6)
+    batch = tiny_model.prepare([conversation], {"image": [[rgb_image]]})
+    rendered = tiny_model.tokenizer.decode(batch["input_ids"][0])
+    assert rendered.index("A striped flag.") < rendered.index("What colour is it?")  # the earlier turns
+    with torch.no_grad():  # greedy decoding by hand from the same inputs gives the same reply
+        embeds, mask, new = tiny_model.embed(batch["input_ids"], batch["media"]), batch["attention_mask"], []
+        for _ in range(6):
+            token = int(tiny_model.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].argmax())
+            if token in tiny_model._eos_ids():
+                break
+            new.append(token)
+            step = tiny_model.llm.get_input_embeddings()(torch.tensor([[token]]))
+            embeds, mask = (
+                torch.cat([embeds, step], 1),
+                torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1),
+            )
+    assert tiny_model.tokenizer.decode(new, skip_special_tokens=True).strip() == reply
+    llava_turns = [
+        {"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]}
+        for t in conversation
+    ]
+    batched = tiny_model.generate(
+        [llava_turns, "<image>\nWhat is it?"], images=[[rgb_image], [rgb_image]], max_new_tokens=6
+    )
+    assert batched[0] == reply
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        tiny_model.generate(conversation[:2], images=[rgb_image])
 
 
 def test_text_only_prompt(tiny_model: MultimodalLM) -> None:
