@@ -23,7 +23,10 @@ Written under ``out_dir`` in the LLaVA conversation format (media paths relative
 
 Each media sample has one caption record and one question record. Question types and their answers are
 assigned first (balanced within +-1 per split) and the media are drawn to match, so every answer is
-equally likely and chance level is ``1 / len(choices)``.
+equally likely and chance level is ``1 / len(choices)``. With ``multi_turn`` (the default), a training
+record goes on, LLaVA-style, with follow-up turns asking the modality's other question types about the
+same media (answers read from its attributes, listed under ``"turns"``): more supervised answers per
+media token and per step. Validation and test records always ask one question, the unit of evaluation.
 """
 
 from __future__ import annotations
@@ -509,8 +512,54 @@ def _question_schedule(rng: np.random.Generator, modality: str, n: int) -> list[
     return [pairs[i] for i in order]
 
 
+def _answer(rng: np.random.Generator, qtype: str, attrs: Attrs) -> tuple[str, Attrs] | None:
+    """The answer to a ``qtype`` question about a sample and its template slots; None if it has no answer.
+
+    For a follow-up turn: a colour question needs a shape that occurs exactly once; an existence
+    question asks about a present or an absent shape with equal odds (when both exist)."""
+    if qtype in ("shape_color", "count_shapes", "shape_exists"):
+        kinds = [s["shape"] for s in attrs["shapes"]]
+        if qtype == "count_shapes":
+            return str(len(kinds)), {}
+        if qtype == "shape_color":
+            unique = [k for k in SHAPES if kinds.count(k) == 1]
+            if not unique:
+                return None
+            subject = str(rng.choice(unique))
+            return attrs["shapes"][kinds.index(subject)]["color"], {"shape": subject}
+        present, absent = [k for k in SHAPES if k in kinds], [k for k in SHAPES if k not in kinds]
+        answer = "yes" if not absent or (present and rng.random() < 0.5) else "no"
+        return answer, {"shape": str(rng.choice(present if answer == "yes" else absent))}
+    field = {
+        "count_beeps": "n_beeps",
+        "pitch": "pitch",
+        "motion_direction": "direction",
+        "activity": "activity",
+    }
+    return str(attrs[field[qtype]]), {}
+
+
+def _follow_ups(rng: np.random.Generator, modality: str, first: str, attrs: Attrs) -> list[dict[str, str]]:
+    """Follow-up turns (question_type, question, answer) for every other question type of the modality."""
+    turns = []
+    for qtype in rng.permutation(
+        [q for q, s in QUESTION_TYPES.items() if s.modality == modality and q != first]
+    ):
+        answered = _answer(rng, str(qtype), attrs)
+        if answered is not None:
+            question = str(rng.choice(QUESTION_TYPES[str(qtype)].templates)).format(**answered[1])
+            turns.append({"question_type": str(qtype), "question": question, "answer": answered[0]})
+    return turns
+
+
 def _generate_split(
-    out_dir: Path, split: str, seed: int, n: int, modalities: Sequence[str], sizes: dict[str, int]
+    out_dir: Path,
+    split: str,
+    seed: int,
+    n: int,
+    modalities: Sequence[str],
+    sizes: dict[str, int],
+    multi_turn: bool,
 ) -> tuple[list[dict], list[dict], dict[str, Attrs]]:
     """Write the media of one split; returns (align records, instruct records, attributes by id)."""
     per_modality: list[list[tuple[dict, dict]]] = []
@@ -549,6 +598,16 @@ def _generate_split(
                 "answer": answer,
                 "choices": list(qspec.choices),
             }
+            if multi_turn and split == "train":
+                turns = _follow_ups(rng, modality, qtype, attrs)
+                for t in turns:
+                    instruct["conversations"] += [
+                        {"from": "human", "value": t["question"]},
+                        {"from": "gpt", "value": t["answer"]},
+                    ]
+                instruct["turns"] = [{"question_type": qtype, "answer": answer}] + [
+                    {"question_type": t["question_type"], "answer": t["answer"]} for t in turns
+                ]
             pairs.append((align, instruct))
         per_modality.append(pairs)
     interleaved = [pairs[i] for i in range(n) for pairs in per_modality]  # image, audio, ... of sample i
@@ -569,8 +628,11 @@ def generate_toyworld(
     modalities: Sequence[str] = MODALITIES,
     image_size: int = 64,
     video_size: int = 64,
+    multi_turn: bool = True,
 ) -> dict[str, Path]:
     """Generate the toy world under ``out_dir``; ``n_*`` count samples per modality per split.
+
+    ``multi_turn``: training records also ask the modality's other question types as follow-up turns.
 
     Returns the JSON files written: ``world``, ``align_{split}``, ``instruct_{split}``, ``attributes_{split}``
     (media live in ``images/``, ``audio/``, ``video/``, ``imu/`` next to them). Same arguments, same bytes
@@ -593,7 +655,7 @@ def generate_toyworld(
     paths: dict[str, Path] = {}
     summary: dict[str, Any] = {}
     for split, n in counts.items():
-        align, instruct, attributes = _generate_split(out, split, seed, n, modalities, sizes)
+        align, instruct, attributes = _generate_split(out, split, seed, n, modalities, sizes, multi_turn)
         for name, records in (("align", align), ("instruct", instruct), ("attributes", attributes)):
             paths[f"{name}_{split}"] = out / f"{name}_{split}.json"
             _write_json(paths[f"{name}_{split}"], records)
@@ -605,6 +667,7 @@ def generate_toyworld(
             "align": len(align),
             "instruct": {q: sum(c.values()) for q, c in answers.items()},
             "answers": {q: dict(sorted(c.items())) for q, c in answers.items()},
+            "turns": sum(len(r.get("turns", [r])) for r in instruct),
         }
     question_types = {
         q: {"modality": s.modality, "choices": list(s.choices), "chance": 1 / len(s.choices)}
@@ -648,6 +711,11 @@ def add_toyworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--video-size", type=int, default=64, help="video frame side in pixels (even)")
+    parser.add_argument(
+        "--single-turn",
+        action="store_true",
+        help="one question per training record (default: follow-up turns ask every question type)",
+    )
     return parser
 
 
@@ -662,10 +730,13 @@ def run_toyworld(args: argparse.Namespace) -> dict[str, Path]:
         modalities=args.modalities,
         image_size=args.image_size,
         video_size=args.video_size,
+        multi_turn=not args.single_turn,
     )
     world = json.loads(paths["world"].read_text())
     for split, s in world["splits"].items():
-        print(f"{split}: {s['align']} captions, {sum(s['instruct'].values())} questions")
+        print(
+            f"{split}: {s['align']} captions, {sum(s['instruct'].values())} conversations, {s['turns']} questions"
+        )
     print(f"toy world written to {args.out} (summary: {paths['world']})")
     return paths
 

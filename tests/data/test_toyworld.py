@@ -75,14 +75,31 @@ def test_records_and_files(world: dict[str, Path]) -> None:
             rel = record[modality]
             assert not Path(rel).is_absolute() and (root / rel).is_file()
             assert rel.startswith(tw.MEDIA_DIRS[modality] + "/" + split + "/")
-            human, gpt = record["conversations"]
-            assert (human["from"], gpt["from"]) == ("human", "gpt")
-            assert human["value"].startswith(f"<{modality}>")
+            messages = record["conversations"]
+            assert [m["from"] for m in messages] == ["human", "gpt"] * (len(messages) // 2)
+            assert messages[0]["value"].startswith(f"<{modality}>")
+            assert not any(f"<{modality}>" in m["value"] for m in messages[1:])
         for record in align:
+            assert len(record["conversations"]) == 2
             assert record["conversations"][0]["value"] == f"<{_modality(record)}>"
         for record in instruct:
             assert record["conversations"][1]["value"] == record["answer"] in record["choices"]
             assert record["choices"] == list(tw.QUESTION_TYPES[record["question_type"]].choices)
+            if split != "train":  # one question per record: the unit of evaluation
+                assert len(record["conversations"]) == 2 and "turns" not in record
+                continue
+            turns = record["turns"]  # the first question, then follow-ups of the modality's other types
+            types = [t["question_type"] for t in turns]
+            assert types[0] == record["question_type"] and len(set(types)) == len(types)
+            modality_types = {
+                q for q, spec in tw.QUESTION_TYPES.items() if spec.modality == _modality(record)
+            }
+            assert set(types) <= modality_types
+            if _modality(record) == "audio":  # every audio sample answers both of its types
+                assert set(types) == modality_types
+            assert [m["value"] for m in record["conversations"][1::2]] == [t["answer"] for t in turns]
+            for t in turns:
+                assert t["answer"] in tw.QUESTION_TYPES[t["question_type"]].choices
 
 
 def test_media_decode(world: dict[str, Path]) -> None:
@@ -150,18 +167,22 @@ def test_images_show_their_answers(world: dict[str, Path]) -> None:
         half = SIZE // 2
         occupied = sum(fg[r : r + half, c : c + half].any() for r in (0, half) for c in (0, half))
         assert occupied == len(attrs["shapes"])
-        question, answer = instruct["conversations"][0]["value"], instruct["answer"]
         kinds = [s["shape"] for s in attrs["shapes"]]
-        named = next((k for k in tw.SHAPES if k in question), None)
-        if instruct["question_type"] == "count_shapes":
-            assert answer == str(occupied)
-        elif instruct["question_type"] == "shape_color":
-            assert kinds.count(named) == 1
-            s = attrs["shapes"][kinds.index(named)]
-            cx, cy = (round(v) for v in s["center"])
-            assert _nearest_color(pixels[cy, cx]) == answer
-        else:
-            assert (named in kinds) == (answer == "yes")
+        messages = instruct["conversations"]
+        for turn, question, answer in zip(
+            instruct.get("turns", [instruct]), messages[::2], messages[1::2], strict=True
+        ):
+            question, answer = question["value"], answer["value"]
+            named = next((k for k in tw.SHAPES if k in question), None)
+            if turn["question_type"] == "count_shapes":
+                assert answer == str(occupied)
+            elif turn["question_type"] == "shape_color":
+                assert kinds.count(named) == 1
+                s = attrs["shapes"][kinds.index(named)]
+                cx, cy = (round(v) for v in s["center"])
+                assert _nearest_color(pixels[cy, cx]) == answer
+            else:
+                assert (named in kinds) == (answer == "yes")
 
 
 def _count_beeps(wave: np.ndarray) -> int:
@@ -180,8 +201,9 @@ def test_audio_has_the_stated_beeps(world: dict[str, Path]) -> None:
         assert ("high" if peak_hz > 800 else "low") == attrs["pitch"]
         caption = align["conversations"][1]["value"]
         assert caption.startswith(f"{tw.NUMBER_WORDS[attrs['n_beeps']]} {attrs['pitch']} {attrs['waveform']}")
-        qtype = instruct["question_type"]
-        assert instruct["answer"] == (str(attrs["n_beeps"]) if qtype == "count_beeps" else attrs["pitch"])
+        for turn in instruct["turns"]:
+            expected = str(attrs["n_beeps"]) if turn["question_type"] == "count_beeps" else attrs["pitch"]
+            assert turn["answer"] == expected
 
 
 def test_video_moves_in_the_stated_direction(world: dict[str, Path]) -> None:
@@ -230,7 +252,14 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert world["modalities"] == ["audio", "imu"]
     assert set(world["question_types"]) == {"count_beeps", "pitch", "activity"}
     assert not (tmp_path / "images").exists()
-    assert "train: 6 captions, 6 questions" in capsys.readouterr().out
+    assert "train: 6 captions, 6 conversations, 9 questions" in capsys.readouterr().out  # audio: 2 turns
+
+
+def test_single_turn(tmp_path: Path) -> None:
+    paths = tw.generate_toyworld(tmp_path, seed=3, n_train=6, n_val=0, n_test=0, multi_turn=False)
+    for record in _load(paths, "instruct_train"):
+        assert len(record["conversations"]) == 2 and "turns" not in record
+    assert _load(paths, "world")["splits"]["train"]["turns"] == 24
 
 
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
