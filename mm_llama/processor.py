@@ -100,7 +100,9 @@ class MultimodalProcessor:
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """The conversation as text segments, each flagged True when it is supervised (an assistant reply)."""
         if self.template == "plain":
-            segments = []
+            # LLaVA's plain template starts with the tokenizer's BOS (when it has one), so that the first
+            # media token is not the sequence's first position, which the LLM uses as an attention sink
+            segments = [(self.tokenizer.bos_token, False)] if self.tokenizer.bos_token else []
             for m in messages:
                 if m["role"] == "user":
                     segments.append((m["content"], False))
