@@ -60,6 +60,14 @@ class StageConfig:
     ``mm_llama.train.contrastive``."""
     contrastive_temperature: float = 0.07
     """Softmax temperature of the contrastive objective."""
+    contrastive_weighting: Literal["idf", "uniform"] = "idf"
+    """How the contrastive objective pools a caption's word embeddings: ``idf`` weighs each word by its
+    inverse document frequency in the batch (words all captions share count for nothing), ``uniform``
+    is the plain mean."""
+    contrastive_word_weight: float = 1.0
+    """Weight of the contrastive stage's caption-word term: each sample's projected tokens must name every
+    (weighted) word of its caption among the batch's caption words, so no attribute is left out because
+    others already tell the samples apart (0 turns it off)."""
     data_root: str | None = None
     """Folder that media paths in the records are relative to; ``None``: each data file's folder."""
     template: Template = "chat"
@@ -196,6 +204,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
         if stage.objective == "contrastive" and stage.llm != "frozen":
             raise ValueError(
                 f"{where}.llm: the contrastive objective uses the frozen LLM as its text tower; set llm: frozen"
+            )
+        if stage.contrastive_word_weight < 0:
+            raise ValueError(
+                f"{where}.contrastive_word_weight: expected >= 0, got {stage.contrastive_word_weight}"
             )
         if stage.contrastive_temperature <= 0:
             raise ValueError(

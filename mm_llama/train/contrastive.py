@@ -4,7 +4,11 @@ An encoder with random weights learns slowly through a frozen LLM: the caption l
 the whole decoder, one expensive step at a time. ImageBind instead aligns each modality's encoder to a
 frozen text embedding with InfoNCE, which needs no LLM backward pass. Here the "text tower" is the
 frozen LLM's input embedding table: a caption's embedding is the mean of its token embeddings, and a
-sample's media embedding is the mean of its projected tokens (projector(encoder(x))). Both live in the
+sample's media embedding is the mean of its projected tokens (projector(encoder(x))). With ``idf``
+weighting (the default) the caption mean weighs each token by its inverse document frequency within the
+batch, log((1 + B) / (1 + df)), so the words every caption shares ("a", "in the", ",") count for nothing
+and the media tokens align with the words that tell samples apart (shapes, colours, counts, pitches):
+the words the later questions ask about. ``uniform`` is the plain mean. Both live in the
 space the projector must write into, so the projector is pre-aligned to the LLM's input space too, and
 the objective costs no LLM forward pass at all (running the decoder over the captions would cost more
 than the encoders themselves on a CPU). Captions come from the stage's labels (the
@@ -29,39 +33,47 @@ from torch.nn import functional as F
 from mm_llama.model import MultimodalLM
 from mm_llama.processor import IGNORE_INDEX
 
+WEIGHTINGS = ("idf", "uniform")
+"""How a caption's token embeddings are pooled into its embedding (see the module docstring)."""
+
 
 class ContrastiveAligner(nn.Module):
     """Wraps a model so that ``forward(**batch)`` returns the symmetric InfoNCE loss of a caption batch.
 
     Wrapping (rather than calling model methods) keeps DDP's gradient hooks on the path."""
 
-    def __init__(self, model: MultimodalLM, temperature: float) -> None:
+    def __init__(
+        self, model: MultimodalLM, temperature: float, weighting: str = "idf", word_weight: float = 1.0
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"contrastive weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if word_weight < 0:
+            raise ValueError(f"contrastive word weight must be >= 0, got {word_weight}")
         self.model = model
         self.temperature = temperature
+        self.weighting = weighting
+        self.word_weight = word_weight
 
-    def media_embeddings(
+    def media_tokens(
         self,
         input_ids: torch.Tensor,
         media: dict[str, list[torch.Tensor]],
         features: dict[str, list[torch.Tensor]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D_llm) the mean projected media token of each sample, and (K,) the norm of every token."""
+    ) -> list[torch.Tensor]:
+        """The projected media tokens of each sample, (M_b, D_llm) float32 (all its items' tokens)."""
         model = self.model
-        batch, device = input_ids.shape[0], model.device
-        dim = model.llm.get_input_embeddings().embedding_dim
-        sums = torch.zeros(batch, dim, device=device)
-        counts = torch.zeros(batch, device=device)
-        norms = []
+        batch = input_ids.shape[0]
+        per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         for name, pid in model.processor.placeholder_ids.items():
             items = features.get(name) or media.get(name) or []
             if not items:
                 continue
             tokens = model.encode(name, items, name in features)  # each (M_i, D)
             slots = (input_ids == pid).sum(1).tolist()  # placeholders per sample
-            owners, row = [], 0
+            row = 0
             for t in tokens:  # items fill the samples' placeholder slots in batch order
                 while row < batch and slots[row] == 0:
                     row += 1
@@ -69,39 +81,34 @@ class ContrastiveAligner(nn.Module):
                     raise ValueError(
                         f"contrastive stage: the {name} inputs do not match the <{name}> placeholders"
                     )
-                owners.append(row)
+                per_sample[row].append(t.float())
                 slots[row] -= t.shape[0]
-            for row, t in zip(owners, tokens):
-                sums[row] = sums[row] + t.float().mean(0)
-                norms.append(t.float().norm(dim=-1))
-                counts[row] += 1
-        if bool((counts == 0).any()):
+        if not all(per_sample):
             raise ValueError(
                 "contrastive stage: every record needs a media item (a caption record: '<image>' + caption)"
             )
-        return sums / counts.unsqueeze(-1), torch.cat(norms)
+        return [torch.cat(tokens) for tokens in per_sample]
 
     @torch.no_grad()
-    def caption_embeddings(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, D_llm) mean input embedding of each caption's tokens, (B, L) caption ids (-1 padded), and
-        the mean norm of those token embeddings (a scalar)."""
-        model = self.model
+    def captions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) caption ids (the supervised tokens, -1 padded) and (B, L) their weights (idf or uniform,
+        0 at padding)."""
         supervised = labels != IGNORE_INDEX  # (B, T)
         lengths = supervised.sum(1)
         if bool((lengths == 0).any()):
             raise ValueError("contrastive stage: a record has no caption (no assistant reply)")
-        width = int(lengths.max())
-        ids = torch.full((labels.shape[0], width), model.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        ids = torch.full((labels.shape[0], int(lengths.max())), -1, dtype=torch.long)
         for row in range(labels.shape[0]):
             caption = labels[row][supervised[row]]
             ids[row, : len(caption)] = caption
-            mask[row, : len(caption)] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        embeds = model.llm.get_input_embeddings()(ids)  # (B, L, D)
-        weights = mask.unsqueeze(-1).float()
-        token_norm = embeds.float().norm(dim=-1)[mask.bool()].mean()
-        return (embeds.float() * weights).sum(1) / weights.sum(1), ids.masked_fill(mask == 0, -1), token_norm
+        ids = ids.to(self.model.device)
+        mask = (ids >= 0).float()
+        weights = mask
+        if self.weighting == "idf":
+            weights = mask * _idf(ids)
+            # a caption made only of words every caption has: fall back to its plain mean
+            weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, mask)
+        return ids, weights
 
     def forward(
         self,
@@ -111,20 +118,71 @@ class ContrastiveAligner(nn.Module):
         features: dict[str, list[torch.Tensor]] | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """Mean symmetric InfoNCE over the batch (a scalar)."""
-        pooled, norms = self.media_embeddings(input_ids, media or {}, features or {})
-        z_media = F.normalize(pooled, dim=-1)  # (B, D)
-        text, caption_ids, word_norm = self.caption_embeddings(labels)
-        z_text = F.normalize(text, dim=-1)  # (B, D)
-        logits = z_media @ z_text.T / self.temperature  # (B, B)
+        """InfoNCE + caption-word prediction + token scale, averaged over the batch (a scalar)."""
+        tokens = self.media_tokens(input_ids, media or {}, features or {})  # B x (M_b, D)
+        caption_ids, weights = self.captions(labels)  # (B, L), (B, L)
+        table = self.model.llm.get_input_embeddings()
+        with torch.no_grad():
+            embeds = table(caption_ids.clamp(min=0)).float()  # (B, L, D)
+            word_norm = embeds.norm(dim=-1)[caption_ids >= 0].mean()
+            text = (embeds * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)  # (B, D)
+
+        # 1. InfoNCE between the mean media token and the (weighted) mean caption embedding
+        z_media = F.normalize(torch.stack([t.mean(0) for t in tokens]), dim=-1)  # (B, D)
+        logits = z_media @ F.normalize(text, dim=-1).T / self.temperature  # (B, B)
         same = _same_rows(caption_ids).float()  # identical captions are positives of each other
         targets = same / same.sum(1, keepdim=True)
         loss_media = -(targets * F.log_softmax(logits, dim=1)).sum(1)
         loss_text = -(targets * F.log_softmax(logits.T, dim=1)).sum(1)
-        # InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
+        loss = ((loss_media + loss_text) / 2).mean()
+
+        # 2. Caption words (see caption_word_loss)
+        if self.word_weight > 0:
+            loss = loss + self.word_weight * caption_word_loss(
+                tokens, caption_ids, weights, table, self.temperature
+            )
+
+        # 3. InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
         # the LLM later reads tokens 3-10x larger than any word it knows.
-        scale = ((norms / word_norm - 1.0) ** 2).mean()
-        return ((loss_media + loss_text) / 2).mean() + scale
+        norms = torch.cat([t.norm(dim=-1) for t in tokens])
+        return loss + ((norms / word_norm - 1.0) ** 2).mean()
+
+
+def caption_word_loss(
+    tokens: list[torch.Tensor],
+    caption_ids: torch.Tensor,
+    weights: torch.Tensor,
+    table: nn.Embedding,
+    temperature: float,
+) -> torch.Tensor:
+    """Cross-entropy between each caption's (weighted) bag of words and what its media tokens name.
+
+    The vocabulary is the batch's caption words; a sample names a word as strongly as its closest token
+    (a logsumexp over its tokens of cosine / temperature with the word's input embedding), so each token
+    may carry its own words (a grid cell its shape and colour). InfoNCE alone stops learning an attribute
+    once the others tell the batch's samples apart; this term asks for every word.
+    ``tokens``: B x (M_b, D); ``caption_ids`` (B, L), -1 padded; ``weights`` (B, L), 0 at padding."""
+    vocab, inverse = torch.unique(caption_ids, return_inverse=True)  # (V,), (B, L)
+    with torch.no_grad():
+        words = F.normalize(table(vocab.clamp(min=0)).float(), dim=-1)  # (V, D)
+        target = torch.zeros(len(tokens), len(vocab), device=words.device)
+        target.scatter_add_(1, inverse, weights.float())
+        target[:, vocab < 0] = 0.0
+        target = target / target.sum(1, keepdim=True)
+    scores = torch.stack([(F.normalize(t, dim=-1) @ words.T / temperature).logsumexp(0) for t in tokens])
+    log_probs = F.log_softmax(scores.masked_fill(vocab < 0, float("-inf")), dim=1)  # (B, V)
+    return -(target * log_probs.masked_fill(vocab < 0, 0.0)).sum(1).mean()
+
+
+def _idf(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids (-1 = padding) -> (B, L) log((1 + B) / (1 + df)) of each token, df = how many rows hold it."""
+    rows = ids.shape[0]
+    vocab, inverse = torch.unique(ids, return_inverse=True)  # (V,), (B, L)
+    present = torch.zeros(rows, len(vocab), dtype=torch.bool, device=ids.device)
+    present.scatter_(1, inverse, True)
+    df = present.sum(0).float()  # (V,) rows holding each token
+    idf = torch.log((1.0 + rows) / (1.0 + df))
+    return idf[inverse]
 
 
 def _same_rows(ids: torch.Tensor) -> torch.Tensor:

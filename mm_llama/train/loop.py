@@ -175,7 +175,9 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     trainee: torch.nn.Module = model
     if stage.objective == "contrastive":
-        trainee = ContrastiveAligner(model, stage.contrastive_temperature)
+        trainee = ContrastiveAligner(
+            model, stage.contrastive_temperature, stage.contrastive_weighting, stage.contrastive_word_weight
+        )
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     unwrapped: MultimodalLM = model
     sampler, loader = _stage_data(cfg, name, accelerator, unwrapped, accumulation)

@@ -10,7 +10,7 @@ import torch
 
 from mm_llama.train import StepInfo, build_stage_model, train
 from mm_llama.train.config import validate_train_config
-from mm_llama.train.contrastive import ContrastiveAligner, _same_rows
+from mm_llama.train.contrastive import ContrastiveAligner, _same_rows, caption_word_loss
 from tests.train.conftest import align_stage, tiny_train_config
 from tests.train.test_train import changed_keys, losses, snapshot
 
@@ -60,8 +60,14 @@ def test_identical_captions_are_positives(colour_world: dict[str, Path]) -> None
     ]
     batch = model.processor.collate(examples)
     aligner = ContrastiveAligner(model, temperature=0.07)
-    _, ids, _ = aligner.caption_embeddings(batch["labels"])
+    ids, weights = aligner.captions(batch["labels"])
     assert _same_rows(ids).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    words = [model.tokenizer.decode([int(i)]) for i in ids[0] if i >= 0]
+    shared = [w for w in words if w.strip() in ("a", "picture", "<|im_end|>")]
+    assert shared and all(  # idf: the words every caption has weigh nothing; "red" (2 of 3) weighs log(4/3)
+        weights[0, k] == 0 for k, w in enumerate(words) if w in shared
+    )
+    assert weights[0, words.index(" red")] == pytest.approx(np.log(4 / 3))
     loss = aligner(input_ids=batch["input_ids"], labels=batch["labels"], media=batch["media"])
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -72,3 +78,21 @@ def test_contrastive_needs_a_frozen_llm(colour_world: dict[str, Path]) -> None:
     stage = align_stage(colour_world, objective="contrastive", llm="lora")
     with pytest.raises(ValueError, match="contrastive objective uses the frozen LLM"):
         validate_train_config(tiny_train_config(Path("unused"), {"pretrain": stage}))
+
+
+def test_caption_words_reward_tokens_that_name_them() -> None:
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 16)
+    caption_ids = torch.tensor([[3, 4, 5, -1], [6, 7, -1, -1]])
+    weights = (caption_ids >= 0).float()
+    matching = [table.weight[[3, 4, 5]].detach(), table.weight[[6, 7]].detach()]  # one token per word
+    swapped = matching[::-1]
+    good = caption_word_loss(matching, caption_ids, weights, table, temperature=0.07)
+    bad = caption_word_loss(swapped, caption_ids, weights, table, temperature=0.07)
+    assert good < bad
+    # the best any bag can do is its own entropy: 3 and 2 equally weighted words
+    floor = (np.log(3) + np.log(2)) / 2
+    assert floor - 1e-4 <= good.item() < floor + 0.05
+    tokens = [torch.randn(2, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)]
+    caption_word_loss(tokens, caption_ids, weights, table, temperature=0.07).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tokens)
