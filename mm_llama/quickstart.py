@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +25,9 @@ from mm_llama.model import MultimodalLM
 from mm_llama.train import load_train_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "quickstart.yaml"
-N_TRAIN = 600
+N_TRAIN = 2000
 """Toy-world samples per modality for training (each gives one caption and one question)."""
-N_TEST = 50
+N_TEST = 100
 """Held-out questions per modality."""
 EVAL_BATCH = 50
 EVAL_MAX_NEW_TOKENS = 4
@@ -69,6 +70,11 @@ def run(
         != wanted
     ):
         print(f"[quickstart] generating the toy world in {data} ...", flush=True)
+        for name in cfg.stages:  # trained on another toy world: start over rather than resume them
+            shutil.rmtree(out / name, ignore_errors=True)
+        for stage in cfg.stages.values():
+            if stage.feature_cache is not None:
+                shutil.rmtree(stage.feature_cache, ignore_errors=True)
         generate_toyworld(data, seed=seed, n_train=n_train, n_val=0, n_test=n_test)
         (data / "quickstart.json").write_text(json.dumps(wanted))
     timings = {"toyworld_s": time.perf_counter() - started}
@@ -79,6 +85,7 @@ def run(
         timings[f"{name}_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = MultimodalLM.from_pretrained(final).eval()
+    shutil.rmtree(out / "eval", ignore_errors=True)  # answers of an earlier model must not be resumed
     metrics = evaluate(
         model,
         "toy",
