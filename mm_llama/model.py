@@ -17,6 +17,7 @@ Checkpoint folder (safetensors only)::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -33,7 +35,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import mm_llama.encoders  # noqa: F401  (registers the built-in encoders)
 import mm_llama.projectors  # noqa: F401  (registers the built-in projectors)
-from mm_llama.config import LLMConfig, ModelConfig, from_dict, load_config, save_config
+from mm_llama.config import LLMConfig, ModelConfig, from_dict, load_config, save_config, to_dict
 from mm_llama.encoders.base import ModalityEncoder, build_encoder
 from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.modality import check_modality, media_kwarg
@@ -355,6 +357,22 @@ class MultimodalLM(nn.Module):
             self.llm.save_pretrained(path / ADAPTER_DIR)
         save_config(config, path / CONFIG_FILE)
         return path
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of what identifies this model's answers: its config, projectors, encoders built from
+        scratch or trained, and any LoRA weights (the frozen LLM and pretrained encoders are named by the
+        config). The eval runner keeps it in ``run.json`` so answers of a retrained model are never mixed
+        with older ones."""
+        digest = hashlib.sha256(yaml.safe_dump(to_dict(self.config), sort_keys=True).encode())
+        tensors = {f"projectors.{k}": v for k, v in self.projectors.state_dict().items()}
+        for name, encoder in self.encoders.items():
+            if not encoder.is_pretrained or any(p.requires_grad for p in encoder.parameters()):
+                tensors.update({f"encoders.{name}.{k}": v for k, v in encoder.state_dict().items()})
+        tensors.update({k: v for k, v in self.llm.named_parameters() if "lora_" in k})
+        for key in sorted(tensors):
+            digest.update(key.encode())
+            digest.update(tensors[key].detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, llm: LLMConfig | None = None) -> MultimodalLM:

@@ -6,7 +6,10 @@
   appended and flushed after every batch. A rerun reads it back and only asks the questions not in it, so
   a crash or Ctrl-C loses at most the batch in flight; a line cut short by a crash is dropped.
 - the task's official results file(s) (e.g. ``vqav2_results.json`` for the EvalAI server);
-- ``metrics.json`` and ``summary.md`` (a Markdown table of every number in the metrics).
+- ``metrics.json`` and ``summary.md`` (a Markdown table of every number in the metrics);
+- ``run.json``: what the answers came from (task, data, answer length, the model's fingerprint when it
+  has one: ``MultimodalLM.fingerprint()``). A rerun into a folder of another run (a retrained model, other
+  data) raises instead of mixing in stale answers.
 
 The model is anything with ``generate(prompts, images=, audios=, videos=, imus=, max_new_tokens=,
 do_sample=) -> list[str]`` where each media argument has one list of items per prompt.
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
+RUN_FILE = "run.json"
 MEDIA_KWARGS: dict[str, str] = {"image": "images", "audio": "audios", "video": "videos", "imu": "imus"}
 
 
@@ -47,6 +51,30 @@ class Generator(Protocol):
         max_new_tokens: int = 32,
         do_sample: bool = False,
     ) -> list[str]: ...
+
+
+def _run_info(model: Generator, task: Task, data: str | Path | None, max_new_tokens: int) -> dict[str, Any]:
+    fingerprint = getattr(model, "fingerprint", None)
+    return {
+        "task": task.name,
+        "data": str(Path(data).resolve()) if data is not None else None,
+        "max_new_tokens": max_new_tokens,
+        "model": fingerprint() if callable(fingerprint) else None,
+    }
+
+
+def _check_same_run(out: Path, info: dict[str, Any]) -> None:
+    """Write ``run.json``, or check that the answers already in ``out`` come from the same run."""
+    path = out / RUN_FILE
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in info if before.get(k) != info[k]]
+        if changed and (out / PREDICTIONS_FILE).is_file():
+            raise ValueError(
+                f"{out} holds the answers of another run ({', '.join(changed)} changed, see {path}); "
+                "evaluate into another output folder, or delete this one to start over"
+            )
+    path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
 
 def read_predictions(path: Path) -> dict[str, Prediction]:
@@ -174,6 +202,7 @@ def evaluate(
     done: dict[str, Prediction] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        _check_same_run(out, _run_info(model, task_obj, data, tokens))
         done = read_predictions(out / PREDICTIONS_FILE)
     order: list[str] = []
     seen: set[str] = set()

@@ -192,6 +192,16 @@ def test_generate_continues_a_conversation(tiny_model: MultimodalLM, rgb_image: 
         tiny_model.generate(conversation[:2], images=[rgb_image])
 
 
+def test_fingerprint_follows_the_trained_weights(tiny_model: MultimodalLM, tmp_path) -> None:
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    loaded = MultimodalLM.from_pretrained(checkpoint)
+    before = loaded.fingerprint()
+    assert MultimodalLM.from_pretrained(checkpoint).fingerprint() == before  # the same checkpoint again
+    with torch.no_grad():
+        next(loaded.projectors["image"].parameters())[0, 0] += 1e-3
+    assert loaded.fingerprint() != before
+
+
 def test_text_only_prompt(tiny_model: MultimodalLM) -> None:
     assert isinstance(tiny_model.generate("Hello", max_new_tokens=3), str)
 

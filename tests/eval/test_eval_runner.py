@@ -114,6 +114,27 @@ def test_interrupted_run_resumes_without_repeating(tmp_path: Path) -> None:
     assert again.calls == []
 
 
+def test_answers_of_another_run_are_not_resumed(tmp_path: Path) -> None:
+    data = write_vqav2_official(tmp_path / "vqav2")
+    out = tmp_path / "out"
+    first = FakeModel(VQA_OUTPUTS)
+    first.fingerprint = lambda: "model-a"
+    evaluate(first, "vqav2", data, output_dir=out, limit=2, progress=False)
+    assert json.loads((out / "run.json").read_text())["model"] == "model-a"
+
+    retrained = FakeModel(VQA_OUTPUTS)
+    retrained.fingerprint = lambda: "model-b"
+    with pytest.raises(ValueError, match=r"answers of another run \(model changed"):
+        evaluate(retrained, "vqav2", data, output_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"max_new_tokens changed"):
+        evaluate(first, "vqav2", data, output_dir=out, max_new_tokens=3, progress=False)
+    assert retrained.calls == [] and len((out / PREDICTIONS_FILE).read_text().splitlines()) == 2
+    same = FakeModel(VQA_OUTPUTS)
+    same.fingerprint = lambda: "model-a"
+    evaluate(same, "vqav2", data, output_dir=out, progress=False)  # the same run resumes
+    assert len(same.asked()) == 3
+
+
 def test_line_cut_short_by_a_crash_is_redone(tmp_path: Path) -> None:
     data = write_vqav2_official(tmp_path / "vqav2")
     out = tmp_path / "out"
