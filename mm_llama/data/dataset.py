@@ -80,9 +80,10 @@ def media_paths(value: Any, where: str, key: str) -> list[str]:
 class ConversationDataset(Dataset[Example]):
     """LLaVA-format records from one or more files, tokenized on access by a ``MultimodalProcessor``.
 
-    ``data_root`` resolves relative media paths (default: each file's own folder). With
-    ``check_media`` (default) every referenced media file is checked once up front, so a missing file
-    fails at startup rather than hours into training."""
+    ``data_root`` resolves relative media paths (default: each file's own folder). ``only`` keeps the
+    records whose media are all of these modalities (e.g. one modality's captions out of a mixed file).
+    With ``check_media`` (default) every referenced media file is checked once up front, so a missing
+    file fails at startup rather than hours into training."""
 
     def __init__(
         self,
@@ -90,6 +91,7 @@ class ConversationDataset(Dataset[Example]):
         processor: MultimodalProcessor,
         data_root: str | Path | None = None,
         check_media: bool = True,
+        only: Sequence[str] | None = None,
     ) -> None:
         self.files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
         if not self.files:
@@ -97,15 +99,35 @@ class ConversationDataset(Dataset[Example]):
         self.processor = processor
         self._tables = [load_records(f) for f in self.files]
         self._roots = [Path(data_root) if data_root is not None else f.parent for f in self.files]
-        self._offsets = np.cumsum([0] + [len(t) for t in self._tables]).tolist()
         known = set(modalities())
         self._media_keys = [[c for c in t.column_names if c in known] for t in self._tables]
+        if only is not None:
+            self._tables = [
+                self._keep_only(t, keys, set(only)) for t, keys in zip(self._tables, self._media_keys)
+            ]
+            if not any(len(t) for t in self._tables):
+                raise ValueError(
+                    f"{', '.join(map(str, self.files))}: no record has only {', '.join(only)} media "
+                    "(the stage's `only` filter)"
+                )
+        self._offsets = np.cumsum([0] + [len(t) for t in self._tables]).tolist()
         self._lengths: list[int] | None = None
         if check_media:
             self.check_media()
 
     def __len__(self) -> int:
         return self._offsets[-1]
+
+    @staticmethod
+    def _keep_only(table: datasets.Dataset, keys: list[str], wanted: set[str]) -> datasets.Dataset:
+        """The rows of ``table`` with at least one media item, every one of a ``wanted`` modality."""
+        columns = {k: list(table[k]) for k in keys}
+        rows = []
+        for row in range(len(table)):
+            present = {k for k in keys if columns[k][row] not in (None, "", [])}
+            if present and present <= wanted:
+                rows.append(row)
+        return table.select(rows)
 
     def _row(self, index: int) -> tuple[int, int, dict[str, Any]]:
         """(file number, row in that file, the record) of a dataset index."""

@@ -68,6 +68,9 @@ class StageConfig:
     """Weight of the contrastive stage's caption-word term: each sample's projected tokens must name every
     (weighted) word of its caption among the batch's caption words, so no attribute is left out because
     others already tell the samples apart (0 turns it off)."""
+    only: list[str] | None = None
+    """Train on the records whose media are all of these modalities (``None``: every record), e.g. a
+    stage that pretrains one encoder on its captions out of a mixed caption file."""
     data_root: str | None = None
     """Folder that media paths in the records are relative to; ``None``: each data file's folder."""
     template: Template = "chat"
@@ -204,6 +207,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
         if stage.objective == "contrastive" and stage.llm != "frozen":
             raise ValueError(
                 f"{where}.llm: the contrastive objective uses the frozen LLM as its text tower; set llm: frozen"
+            )
+        unknown = [m for m in stage.only or [] if m not in cfg.model.modalities]
+        if stage.only is not None and (unknown or not stage.only):
+            raise ValueError(
+                f"{where}.only: expected modalities of the model ({', '.join(cfg.model.modalities)}), "
+                f"got {stage.only}"
             )
         if stage.contrastive_word_weight < 0:
             raise ValueError(

@@ -282,13 +282,13 @@ def _stage_data(
     stage = cfg.stages[name]
     processor, feature_modalities = model.processor, []
     if stage.feature_cache is not None:
-        feature_modalities = frozen_modalities(model)
+        feature_modalities = [m for m in frozen_modalities(model) if stage.only is None or m in stage.only]
         with accelerator.main_process_first():
             cache = cache_features(
                 model, stage.data, stage.feature_cache, stage.data_root, feature_modalities
             )
         processor = cached_processor(model, cache, feature_modalities)
-    dataset = ConversationDataset(stage.data, processor, data_root=stage.data_root)
+    dataset = ConversationDataset(stage.data, processor, data_root=stage.data_root, only=stage.only)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths if stage.group_by_length else [0] * len(dataset),
         stage.micro_batch_size,

@@ -112,6 +112,22 @@ def test_list_valued_media_and_text_only_records(data_dir: Path, model: Multimod
     assert model(**batch).loss.isfinite()
 
 
+def test_only_keeps_the_records_of_the_named_modalities(data_dir: Path, model: MultimodalLM) -> None:
+    sound = {
+        "id": "sound",
+        "audio": "missing.wav",  # dropped by the filter, so never checked
+        "conversations": [{"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "beep"}],
+    }
+    both = {**records()[0], "id": "both", "audio": "missing.wav"}
+    path = write(data_dir / "mixed.json", [*records(), sound, both])
+    dataset = ConversationDataset(path, model.processor, only=["image"])
+    assert [dataset.record(i)["id"] for i in range(len(dataset))] == ["one", "two"]
+    reference = ConversationDataset(write(data_dir / "ref.json", records()), model.processor)
+    assert dataset[1].input_ids == reference[1].input_ids and dataset.lengths == reference.lengths[:2]
+    with pytest.raises(ValueError, match="no record has only video media"):
+        ConversationDataset(path, model.processor, only=["video"])
+
+
 def test_data_root_and_record_ids_in_missing_file_errors(data_dir: Path, model: MultimodalLM) -> None:
     rows = records()
     rows[1]["image"] = ["img/a.png", "img/missing.png"]

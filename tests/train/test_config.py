@@ -93,3 +93,19 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     assert stage_grad_accumulation(stage, 1, "x") == 4 and stage_grad_accumulation(stage, 2, "x") == 2
     with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(2 x 3 = 6\)"):
         stage_grad_accumulation(stage, 3, "stages.align")
+
+
+def test_only_and_contrastive_settings_are_checked(tmp_path: Path) -> None:
+    data = {"align": tmp_path / "a.json", "instruct": tmp_path / "i.json"}
+    for only in (["audio"], []):
+        cfg = tiny_train_config(tmp_path, {"align": align_stage(data, only=only)})
+        with pytest.raises(
+            ValueError, match=r"stages\.align\.only: expected modalities of the model \(image\)"
+        ):
+            validate_train_config(cfg)
+    validate_train_config(tiny_train_config(tmp_path, {"align": align_stage(data, only=["image"])}))
+    cfg = tiny_train_config(
+        tmp_path, {"pre": align_stage(data, objective="contrastive", contrastive_word_weight=-1.0)}
+    )
+    with pytest.raises(ValueError, match=r"stages\.pre\.contrastive_word_weight: expected >= 0"):
+        validate_train_config(cfg)
