@@ -145,7 +145,8 @@ def build_app(model: MultimodalLM) -> gr.Blocks:
     with gr.Blocks(title="mm_llama demo", analytics_enabled=False) as app:
         gr.Markdown(
             f"# mm_llama demo\nModalities: {', '.join(names) or 'text only'}. Give media, ask a question; "
-            "a marker is added for each item unless your question places `<image>`, `<audio>`, ... itself."
+            "a marker is added for each item unless your question places `<image>`, `<audio>`, ... itself. "
+            "Follow-up questions see the earlier turns; Clear starts a new conversation."
         )
         with gr.Row():
             with gr.Column(scale=1):
