@@ -32,6 +32,7 @@ except ModuleNotFoundError as e:  # gradio is the optional "demo" extra
 
 from mm_llama.cli import build_prompt
 from mm_llama.cli import main as cli_main
+from mm_llama.modality import marker
 from mm_llama.model import MultimodalLM
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def answer(
     new = {
         name: [item]
         for name, item in media.items()
-        if item is not None and (f"<{name}>" in question or not conversation.attached(name, item))
+        if item is not None and (marker(name) in question or not conversation.attached(name, item))
     }
     if not question and not new:
         yield history

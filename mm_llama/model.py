@@ -232,10 +232,6 @@ class MultimodalLM(nn.Module):
                         f"{len(per_batch)} entries"
                     )
                 per_prompt[name] = per_batch[i]
-            if not isinstance(prompt, str) and (
-                not prompt or prompt[-1].get("role", prompt[-1].get("from")) not in ("user", "human")
-            ):
-                raise ValueError(f"prompt {i}: a conversation to answer must end with a user turn")
             examples.append(
                 self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
             )
@@ -341,11 +337,12 @@ class MultimodalLM(nn.Module):
             for k, v in p.state_dict().items()
         }
         save_file(state, path / PROJECTORS_FILE)
-        for name, encoder in self.encoders.items():
-            if not encoder.is_pretrained or any(p.requires_grad for p in encoder.parameters()):
-                (path / ENCODERS_DIR).mkdir(exist_ok=True)
-                enc_state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-                save_file(enc_state, path / ENCODERS_DIR / f"{name}.safetensors")
+        for name in self._own_encoders():
+            (path / ENCODERS_DIR).mkdir(exist_ok=True)
+            enc_state = {
+                k: v.detach().cpu().contiguous() for k, v in self.encoders[name].state_dict().items()
+            }
+            save_file(enc_state, path / ENCODERS_DIR / f"{name}.safetensors")
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
         if copy_llm:
             if hasattr(self.llm, "merge_and_unload"):  # the adapter goes into the copy, not beside it
@@ -358,6 +355,15 @@ class MultimodalLM(nn.Module):
         save_config(config, path / CONFIG_FILE)
         return path
 
+    def _own_encoders(self) -> list[str]:
+        """The encoders whose weights are this model's own (built from scratch, or training): a checkpoint
+        stores them, where pretrained frozen ones are named by the config."""
+        return [
+            name
+            for name, encoder in self.encoders.items()
+            if not encoder.is_pretrained or any(p.requires_grad for p in encoder.parameters())
+        ]
+
     def fingerprint(self) -> str:
         """A SHA-256 of what identifies this model's answers: its config, projectors, encoders built from
         scratch or trained, and any LoRA weights (the frozen LLM and pretrained encoders are named by the
@@ -365,9 +371,8 @@ class MultimodalLM(nn.Module):
         with older ones."""
         digest = hashlib.sha256(yaml.safe_dump(to_dict(self.config), sort_keys=True).encode())
         tensors = {f"projectors.{k}": v for k, v in self.projectors.state_dict().items()}
-        for name, encoder in self.encoders.items():
-            if not encoder.is_pretrained or any(p.requires_grad for p in encoder.parameters()):
-                tensors.update({f"encoders.{name}.{k}": v for k, v in encoder.state_dict().items()})
+        for name in self._own_encoders():
+            tensors.update({f"encoders.{name}.{k}": v for k, v in self.encoders[name].state_dict().items()})
         tensors.update({k: v for k, v in self.llm.named_parameters() if "lora_" in k})
         for key in sorted(tensors):
             digest.update(key.encode())

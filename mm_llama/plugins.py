@@ -1,6 +1,7 @@
 """Plugins: Python files that register modalities, encoders or projectors before a config names them.
 
-Every ``mm-llama`` subcommand takes ``--plugin FILE`` (repeatable); see docs/new_modality.md.
+Every ``mm-llama`` subcommand that loads a config or a checkpoint takes ``--plugin FILE`` (repeatable),
+and ``mm_llama.cli.main`` imports them before the subcommand runs; see docs/new_modality.md.
 """
 
 from __future__ import annotations

@@ -149,6 +149,8 @@ class MultimodalProcessor:
             messages = [{"role": "user", "content": conversation}]
         else:
             messages = normalize_messages(conversation, where)
+            if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
+                raise ValueError(f"{where}: a conversation to answer must end with a user turn")
         media = {k: list(v) for k, v in (media or {}).items() if v is not None}
         for name in media:
             if name not in self.handlers:

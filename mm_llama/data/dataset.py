@@ -103,7 +103,8 @@ class ConversationDataset(Dataset[Example]):
         self._media_keys = [[c for c in t.column_names if c in known] for t in self._tables]
         if only is not None:
             self._tables = [
-                self._keep_only(t, keys, set(only)) for t, keys in zip(self._tables, self._media_keys)
+                self._keep_only(t, keys, set(only), str(f))
+                for t, keys, f in zip(self._tables, self._media_keys, self.files)
             ]
             if not any(len(t) for t in self._tables):
                 raise ValueError(
@@ -119,12 +120,14 @@ class ConversationDataset(Dataset[Example]):
         return self._offsets[-1]
 
     @staticmethod
-    def _keep_only(table: datasets.Dataset, keys: list[str], wanted: set[str]) -> datasets.Dataset:
+    def _keep_only(
+        table: datasets.Dataset, keys: list[str], wanted: set[str], where: str
+    ) -> datasets.Dataset:
         """The rows of ``table`` with at least one media item, every one of a ``wanted`` modality."""
         columns = {k: list(table[k]) for k in keys}
         rows = []
         for row in range(len(table)):
-            present = {k for k in keys if columns[k][row] not in (None, "", [])}
+            present = {k for k in keys if media_paths(columns[k][row], where, k)}
             if present and present <= wanted:
                 rows.append(row)
         return table.select(rows)

@@ -62,8 +62,8 @@ def add_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_cache_features(args: argparse.Namespace) -> list[Path]:
-    """Precompute the frozen encoders' features of the selected stages' data; returns the cache folders."""
-    import_plugins(args.plugin)
+    """Precompute the frozen encoders' features of the selected stages' data; returns the cache folders.
+    (``mm-llama cache-features`` imports the ``--plugin`` files first, in ``mm_llama.cli.main``.)"""
     cfg = load_train_config(args.config)
     names = args.stages or [n for n, s in cfg.stages.items() if s.feature_cache is not None]
     if not names:
