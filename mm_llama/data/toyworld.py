@@ -512,11 +512,16 @@ def _question_schedule(rng: np.random.Generator, modality: str, n: int) -> list[
     return [pairs[i] for i in order]
 
 
-def _answer(rng: np.random.Generator, qtype: str, attrs: Attrs) -> tuple[str, Attrs] | None:
+def _answer(
+    rng: np.random.Generator, qtype: str, attrs: Attrs, named: frozenset[str] = frozenset()
+) -> tuple[str, Attrs] | None:
     """The answer to a ``qtype`` question about a sample and its template slots; None if it has no answer.
 
     For a follow-up turn: a colour question needs a shape that occurs exactly once; an existence
-    question asks about a present or an absent shape with equal odds (when both exist)."""
+    question asks about a present or an absent shape with equal odds (when both exist), never about a
+    shape in ``named`` (the shapes earlier turns asked about): a colour question only names present
+    shapes, so "is there a X?" after "what colour is the X?" would be answerable from the text alone,
+    and a model learns that shortcut (mentioned -> yes, else no) instead of looking at the image."""
     if qtype in ("shape_color", "count_shapes", "shape_exists"):
         kinds = [s["shape"] for s in attrs["shapes"]]
         if qtype == "count_shapes":
@@ -527,7 +532,11 @@ def _answer(rng: np.random.Generator, qtype: str, attrs: Attrs) -> tuple[str, At
                 return None
             subject = str(rng.choice(unique))
             return attrs["shapes"][kinds.index(subject)]["color"], {"shape": subject}
-        present, absent = [k for k in SHAPES if k in kinds], [k for k in SHAPES if k not in kinds]
+        candidates = [k for k in SHAPES if k not in named]
+        present = [k for k in candidates if k in kinds]
+        absent = [k for k in candidates if k not in kinds]
+        if not candidates:
+            return None
         answer = "yes" if not absent or (present and rng.random() < 0.5) else "no"
         return answer, {"shape": str(rng.choice(present if answer == "yes" else absent))}
     field = {
@@ -539,16 +548,20 @@ def _answer(rng: np.random.Generator, qtype: str, attrs: Attrs) -> tuple[str, At
     return str(attrs[field[qtype]]), {}
 
 
-def _follow_ups(rng: np.random.Generator, modality: str, first: str, attrs: Attrs) -> list[dict[str, str]]:
-    """Follow-up turns (question_type, question, answer) for every other question type of the modality."""
+def _follow_ups(
+    rng: np.random.Generator, modality: str, first: str, attrs: Attrs, named: frozenset[str]
+) -> list[dict[str, str]]:
+    """Follow-up turns (question_type, question, answer) for every other question type of the modality;
+    ``named``: the shapes the first question asked about."""
     turns = []
     for qtype in rng.permutation(
         [q for q, s in QUESTION_TYPES.items() if s.modality == modality and q != first]
     ):
-        answered = _answer(rng, str(qtype), attrs)
+        answered = _answer(rng, str(qtype), attrs, named)
         if answered is not None:
             question = str(rng.choice(QUESTION_TYPES[str(qtype)].templates)).format(**answered[1])
             turns.append({"question_type": str(qtype), "question": question, "answer": answered[0]})
+            named = named | {answered[1]["shape"]} if "shape" in answered[1] else named
     return turns
 
 
@@ -599,7 +612,8 @@ def _generate_split(
                 "choices": list(qspec.choices),
             }
             if multi_turn and split == "train":
-                turns = _follow_ups(rng, modality, qtype, attrs)
+                named = frozenset(v for v in slots.values() if v in question)  # the shapes it asks about
+                turns = _follow_ups(rng, modality, qtype, attrs, named)
                 for t in turns:
                     instruct["conversations"] += [
                         {"from": "human", "value": t["question"]},

@@ -512,12 +512,28 @@ class ConvImageOptions:
     """Square input side in pixels; images are resized to it (aspect ratio not kept)."""
     channels: tuple[int, ...] = (32, 64, 128)
     """Output channels of the stride-2 3x3 convolution stages; the last is D_enc."""
+    blocks: int = 1
+    """Convolutions per stage: the stride-2 one, then ``blocks - 1`` residual stride-1 3x3 blocks (more
+    depth to tell shapes apart at the same resolution)."""
     grid: int | None = 4
     """Average-pool the feature map to ``grid x grid`` tokens; ``None`` keeps every cell."""
     coords: bool = True
     """Append x/y coordinate channels to the input (CoordConv), so pooled tokens can still say where."""
     weights: str | None = None
     """A safetensors file of this encoder's ``state_dict``; the encoder then counts as pretrained."""
+
+
+class _ResidualConv(nn.Module):
+    """x + GELU(GroupNorm(Conv3x3(x))): a stride-1 block of ``image_cnn`` (same shape in and out)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(1, channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.norm(self.conv(x)))
 
 
 class ConvImageEncoder(ModalityEncoder):
@@ -536,8 +552,11 @@ class ConvImageEncoder(ModalityEncoder):
             raise ValueError("image_cnn encoder: options.channels must list at least one stage")
         layers: list[nn.Module] = []
         in_ch = 5 if options.coords else 3
+        if options.blocks < 1:
+            raise ValueError(f"image_cnn encoder: options.blocks must be >= 1, got {options.blocks}")
         for ch in options.channels:
             layers += [nn.Conv2d(in_ch, ch, 3, stride=2, padding=1), nn.GroupNorm(1, ch), nn.GELU()]
+            layers += [_ResidualConv(ch) for _ in range(options.blocks - 1)]
             in_ch = ch
         self.body = nn.Sequential(*layers)
         side = options.image_size

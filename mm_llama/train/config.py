@@ -68,6 +68,11 @@ class StageConfig:
     """Weight of the contrastive stage's caption-word term: each sample's projected tokens must name every
     (weighted) word of its caption among the batch's caption words, so no attribute is left out because
     others already tell the samples apart (0 turns it off)."""
+    contrastive_match_weight: float = 0.0
+    """Weight of the contrastive stage's word-match term: each (weighted) caption word pulls the media token
+    closest to it onto its input embedding (1 - cosine), so media tokens become word-like (a grid cell
+    spelled as "red", "circle", "small"); use with a projector that writes several tokens per feature
+    (``mlp2x_gelu`` with ``tokens_per_feature``). 0 turns it off."""
     only: list[str] | None = None
     """Train on the records whose media are all of these modalities (``None``: every record), e.g. a
     stage that pretrains one encoder on its captions out of a mixed caption file."""
@@ -214,10 +219,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
                 f"{where}.only: expected modalities of the model ({', '.join(cfg.model.modalities)}), "
                 f"got {stage.only}"
             )
-        if stage.contrastive_word_weight < 0:
-            raise ValueError(
-                f"{where}.contrastive_word_weight: expected >= 0, got {stage.contrastive_word_weight}"
-            )
+        for field_name in ("contrastive_word_weight", "contrastive_match_weight"):
+            if getattr(stage, field_name) < 0:
+                raise ValueError(f"{where}.{field_name}: expected >= 0, got {getattr(stage, field_name)}")
         if stage.contrastive_temperature <= 0:
             raise ValueError(
                 f"{where}.contrastive_temperature: expected > 0, got {stage.contrastive_temperature}"

@@ -176,7 +176,11 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     trainee: torch.nn.Module = model
     if stage.objective == "contrastive":
         trainee = ContrastiveAligner(
-            model, stage.contrastive_temperature, stage.contrastive_weighting, stage.contrastive_word_weight
+            model,
+            stage.contrastive_temperature,
+            stage.contrastive_weighting,
+            stage.contrastive_word_weight,
+            stage.contrastive_match_weight,
         )
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     unwrapped: MultimodalLM = model

@@ -277,3 +277,19 @@ def test_loads_with_datasets(world: dict[str, Path], tmp_path: Path) -> None:
         )
         assert len(ds) == 4 * 24
         assert set(tw.MODALITIES) <= set(ds.column_names)
+
+
+def test_follow_ups_cannot_be_answered_from_the_text(tmp_path: Path) -> None:
+    """An existence follow-up never asks about a shape an earlier turn named: a colour question only
+    names present shapes, so "is there a X?" after "what colour is the X?" would be a free "yes"."""
+    paths = tw.generate_toyworld(tmp_path, seed=1, n_train=60, n_val=0, n_test=0, modalities=["image"])
+    asked = 0
+    for record in _load(paths, "instruct_train"):
+        turns = record["conversations"][0::2]
+        for i, (turn, meta) in enumerate(zip(turns, record["turns"])):
+            if meta["question_type"] != "shape_exists" or i == 0:
+                continue
+            shape = next(s for s in tw.SHAPES if s in turn["value"])
+            assert all(shape not in earlier["value"] for earlier in turns[:i]), record["id"]
+            asked += 1
+    assert asked > 20

@@ -462,3 +462,9 @@ def test_image_cnn_tokens_weights_and_freezing(tmp_path) -> None:
     assert keep_all(x[None]).shape == (1, 64, 16)  # 32 px / 2 / 2 = 8 x 8 cells
     with pytest.raises(ValueError, match="grid"):
         build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "grid": 9}))
+    deeper = build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "blocks": 3}))
+    assert deeper(x[None]).shape == (1, 4, 16)  # residual blocks keep every shape
+    extra = sum(p.numel() for p in deeper.parameters()) - sum(p.numel() for p in encoder.parameters())
+    assert extra == 2 * ((8 * 8 * 9 + 8 + 2 * 8) + (16 * 16 * 9 + 16 + 2 * 16))  # 2 blocks per stage
+    with pytest.raises(ValueError, match="options.blocks must be >= 1, got 0"):
+        build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "blocks": 0}))

@@ -105,6 +105,21 @@ def test_pool_1d_otherwise_and_never_upsamples() -> None:
         pool(0)
 
 
+def test_mlp_writes_k_tokens_per_feature_kept_together() -> None:
+    torch.manual_seed(SEED)
+    spec = ProjectorConfig(type="mlp2x_gelu", options={"tokens_per_feature": 3})
+    proj = build_projector("image", spec, D_IN, D_OUT)
+    x = torch.randn(2, 5, D_IN)
+    out = proj(x)
+    assert out.shape == (2, 15, D_OUT) and proj.num_tokens(5) == 15
+    hidden = proj.linear_2(F.gelu(proj.linear_1(x[:, 1])))  # (2, 3 * D_OUT): feature 1's three tokens
+    torch.testing.assert_close(out[:, 3:6], hidden.view(2, 3, D_OUT))
+    with pytest.raises(ValueError, match=r"options.tokens_per_feature must be >= 1, got 0"):
+        build_projector(
+            "image", ProjectorConfig(type="mlp2x_gelu", options={"tokens_per_feature": 0}), D_IN, D_OUT
+        )
+
+
 # ---- every projector x every encoder --------------------------------------------------------------------
 
 AUDIO_RATE = 16000
@@ -173,7 +188,7 @@ TINY_ENCODERS: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {
 """Registry key -> (tiny options, a raw input). Every encoder shipped in mm_llama needs an entry."""
 TINY_PROJECTORS: dict[str, dict[str, Any]] = {
     "linear": {},
-    "mlp2x_gelu": {},
+    "mlp2x_gelu": {"tokens_per_feature": 2},  # K = 1 is LLaVA's projector: tests/core/test_parity_llava.py
     "resampler": {"num_latents": 4, "depth": 1, "heads": 2, "dim": 16},
     "pool": {"output_tokens": 4},
 }

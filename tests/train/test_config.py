@@ -109,3 +109,8 @@ def test_only_and_contrastive_settings_are_checked(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"stages\.pre\.contrastive_word_weight: expected >= 0"):
         validate_train_config(cfg)
+    cfg = tiny_train_config(
+        tmp_path, {"pre": align_stage(data, objective="contrastive", contrastive_match_weight=-0.5)}
+    )
+    with pytest.raises(ValueError, match=r"stages\.pre\.contrastive_match_weight: expected >= 0, got -0.5"):
+        validate_train_config(cfg)

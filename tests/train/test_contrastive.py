@@ -10,7 +10,7 @@ import torch
 
 from mm_llama.train import StepInfo, build_stage_model, train
 from mm_llama.train.config import validate_train_config
-from mm_llama.train.contrastive import ContrastiveAligner, _same_rows, caption_word_loss
+from mm_llama.train.contrastive import ContrastiveAligner, _same_rows, caption_word_loss, word_match_loss
 from tests.train.conftest import align_stage, tiny_train_config
 from tests.train.test_train import changed_keys, losses, snapshot
 
@@ -90,9 +90,43 @@ def test_caption_words_reward_tokens_that_name_them() -> None:
     good = caption_word_loss(matching, caption_ids, weights, table, temperature=0.07)
     bad = caption_word_loss(swapped, caption_ids, weights, table, temperature=0.07)
     assert good < bad
-    # the best any bag can do is its own entropy: 3 and 2 equally weighted words
-    floor = (np.log(3) + np.log(2)) / 2
+    # the best any bag can do is its own entropy (3 and 2 equally weighted words) in the sample -> words
+    # direction, and 0 in the word -> samples direction (each word is in one caption only)
+    floor = (np.log(3) + np.log(2)) / 2 / 2
     assert floor - 1e-4 <= good.item() < floor + 0.05
     tokens = [torch.randn(2, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)]
     caption_word_loss(tokens, caption_ids, weights, table, temperature=0.07).backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tokens)
+
+
+def test_caption_words_penalise_a_token_that_names_a_word_for_every_sample() -> None:
+    """An empty grid cell whose token says "circle" in every image must not pass for seeing a circle."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 16)
+    caption_ids = torch.tensor([[3, 4, -1], [3, 5, -1], [6, 5, -1]])  # word 3 in captions 0 and 1 only
+    weights = (caption_ids >= 0).float()
+    words = table.weight.detach()
+    own = [words[[3, 4]], words[[3, 5]], words[[6, 5]]]
+    everywhere = [torch.cat([t, words[[3]]]) for t in own]  # every sample also names word 3
+    discriminative = [torch.cat([t, words[[11]]]) for t in own]  # the same extra token, naming nothing
+    loss = {
+        name: caption_word_loss(tokens, caption_ids, weights, table, temperature=0.07).item()
+        for name, tokens in (("everywhere", everywhere), ("discriminative", discriminative))
+    }
+    assert loss["everywhere"] > loss["discriminative"] + 0.1
+
+
+def test_word_match_pulls_the_closest_token_onto_each_word() -> None:
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 16)
+    caption_ids = torch.tensor([[3, 4, -1], [6, -1, -1]])
+    weights = torch.tensor([[1.0, 0.5, 0.0], [2.0, 0.0, 0.0]])
+    words = table.weight.detach()
+    exact = [torch.cat([words[[4, 3]] * 3.0, torch.randn(1, 16)]), words[[6]]]  # scale does not matter
+    assert word_match_loss(exact, caption_ids, weights, table).item() == pytest.approx(0.0, abs=1e-6)
+    tokens = [torch.randn(3, 16, requires_grad=True), torch.randn(2, 16, requires_grad=True)]
+    loss = word_match_loss(tokens, caption_ids, weights, table)
+    assert loss.item() > 0.5  # random directions in 16-D are far from any word
+    loss.backward()
+    closest = (torch.nn.functional.normalize(tokens[1].detach(), dim=-1) @ words[6]).argmax()
+    assert tokens[1].grad[closest].abs().sum() > 0 and tokens[1].grad[1 - closest].abs().sum() == 0
