@@ -11,7 +11,7 @@ import torch
 
 from mm_llama import LLMConfig, ModelConfig, MultimodalLM
 from mm_llama.llm import SMOLLM2_INSTALL, cache_dir, load_llm, resolve_name
-from tests.conftest import tiny_image_modality, tiny_llm_config
+from tests.conftest import TINY_LLAMA, tiny_image_modality
 
 
 def test_missing_package_names_pip_command(monkeypatch, tmp_path) -> None:
@@ -36,7 +36,10 @@ def test_alias_resolves_to_cached_safetensors() -> None:
 
 def test_nf4_double_quant_loading() -> None:
     pytest.importorskip("bitsandbytes")
-    model = load_llm(tiny_llm_config(quantization="nf4"), vocab_size=49152)
+    # Input widths a multiple of the 64-value quantization block: bitsandbytes' CPU inference kernel
+    # (0.50, on CPUs where it repacks the weights) cannot handle a 32-wide layer
+    spec = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128}
+    model = load_llm(LLMConfig(from_config=spec, quantization="nf4"), vocab_size=49152)
     linear = model.model.layers[0].self_attn.q_proj
     assert type(linear).__name__ == "Linear4bit"
     assert linear.weight.quant_state.nested  # double quantization
