@@ -533,10 +533,10 @@ def _answer(
             subject = str(rng.choice(unique))
             return attrs["shapes"][kinds.index(subject)]["color"], {"shape": subject}
         candidates = [k for k in SHAPES if k not in named]
-        present = [k for k in candidates if k in kinds]
-        absent = [k for k in candidates if k not in kinds]
         if not candidates:
             return None
+        present = [k for k in candidates if k in kinds]
+        absent = [k for k in candidates if k not in kinds]
         answer = "yes" if not absent or (present and rng.random() < 0.5) else "no"
         return answer, {"shape": str(rng.choice(present if answer == "yes" else absent))}
     field = {

@@ -152,7 +152,7 @@ class ContrastiveAligner(nn.Module):
 
         # 3. Word match (see word_match_loss)
         if self.match_weight > 0:
-            loss = loss + self.match_weight * word_match_loss(tokens, caption_ids, weights, table)
+            loss = loss + self.match_weight * word_match_loss(tokens, embeds, weights)
 
         # 4. InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
         # the LLM later reads tokens 3-10x larger than any word it knows.
@@ -196,19 +196,17 @@ def caption_word_loss(
     return (loss_words + loss_samples) / 2
 
 
-def word_match_loss(
-    tokens: list[torch.Tensor], caption_ids: torch.Tensor, weights: torch.Tensor, table: nn.Embedding
-) -> torch.Tensor:
+def word_match_loss(tokens: list[torch.Tensor], words: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over samples of the caption-weighted 1 - cosine between each caption word's input embedding and
     the sample's media token closest to it.
 
     The ranking terms only ask a token to be nearer its words than other words (on the toy world a
-    token's nearest word sat at cosine 0.3-0.4); this one asks it to be the word (0.7-0.95 with weight
-    0.3 and 5 tokens per grid cell), so the frozen LLM meets media tokens that look like words it knows.
-    Each word pulls only its closest token, so tokens settle on a word each.
-    ``tokens``: B x (M_b, D); ``caption_ids`` (B, L), -1 padded; ``weights`` (B, L), 0 at padding."""
-    with torch.no_grad():
-        words = F.normalize(table(caption_ids.clamp(min=0)).float(), dim=-1)  # (B, L, D)
+    token's nearest word sat at cosine 0.3-0.4); this one asks it to be the word (0.5-0.8 with weight
+    0.3 and 5 tokens per grid cell, 0.8-0.95 with weight 1), so the frozen LLM meets media tokens that
+    look like words it knows. Each word pulls only its closest token, so tokens settle on a word each.
+    ``tokens``: B x (M_b, D); ``words``: (B, L, D) the captions' input embeddings (any value at padding);
+    ``weights`` (B, L), 0 at padding."""
+    words = F.normalize(words.detach().float(), dim=-1)
     losses = []
     for t, w, wt in zip(tokens, words, weights):
         closest = (w @ F.normalize(t, dim=-1).T).max(1).values  # (L,) each word's best cosine

@@ -72,6 +72,12 @@ def test_identical_captions_are_positives(colour_world: dict[str, Path]) -> None
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert model.projectors["image"].linear_1.weight.grad is not None
+    with torch.no_grad():  # the word-match term adds its weighted share, computed on the same tokens
+        inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "media": batch["media"]}
+        tokens = aligner.media_tokens(batch["input_ids"], batch["media"], {})
+        match = word_match_loss(tokens, model.llm.get_input_embeddings()(ids.clamp(min=0)), weights)
+        with_match = ContrastiveAligner(model, temperature=0.07, match_weight=0.5)(**inputs)
+        torch.testing.assert_close(with_match, aligner(**inputs) + 0.5 * match)
 
 
 def test_contrastive_needs_a_frozen_llm(colour_world: dict[str, Path]) -> None:
@@ -123,9 +129,11 @@ def test_word_match_pulls_the_closest_token_onto_each_word() -> None:
     weights = torch.tensor([[1.0, 0.5, 0.0], [2.0, 0.0, 0.0]])
     words = table.weight.detach()
     exact = [torch.cat([words[[4, 3]] * 3.0, torch.randn(1, 16)]), words[[6]]]  # scale does not matter
-    assert word_match_loss(exact, caption_ids, weights, table).item() == pytest.approx(0.0, abs=1e-6)
+    assert word_match_loss(exact, table(caption_ids.clamp(min=0)), weights).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
     tokens = [torch.randn(3, 16, requires_grad=True), torch.randn(2, 16, requires_grad=True)]
-    loss = word_match_loss(tokens, caption_ids, weights, table)
+    loss = word_match_loss(tokens, table(caption_ids.clamp(min=0)), weights)
     assert loss.item() > 0.5  # random directions in 16-D are far from any word
     loss.backward()
     closest = (torch.nn.functional.normalize(tokens[1].detach(), dim=-1) @ words[6]).argmax()
