@@ -41,6 +41,7 @@ from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.modality import check_modality, media_kwarg
 from mm_llama.processor import IGNORE_INDEX, MultimodalProcessor
 from mm_llama.projectors.base import Projector, build_projector
+from mm_llama.projectors.words import WordMixProjector
 
 logger = logging.getLogger(__name__)
 
@@ -127,19 +128,39 @@ class MultimodalLM(nn.Module):
         Items of the same shape run as one batch; variable-size inputs run in groups. With
         ``encoded=True`` the items are precomputed encoder outputs (N_i, D_enc) (a feature cache) and
         only the projector runs."""
+        return [tokens for tokens, _ in self._encode(modality, items, encoded, word_probs=False)]
+
+    def encode_words(
+        self, modality: str, items: Sequence[torch.Tensor], encoded: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Like :meth:`encode` for a ``word_mix`` projector: (tokens (M_i, D_llm), their word
+        distributions (M_i, V + 1)) per item."""
+        if not isinstance(self.projectors[modality], WordMixProjector):
+            raise TypeError(
+                f"the {modality} projector is not a word_mix projector: it has no word distributions"
+            )
+        return self._encode(modality, items, encoded, word_probs=True)  # type: ignore[return-value]
+
+    def _encode(
+        self, modality: str, items: Sequence[torch.Tensor], encoded: bool, word_probs: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         encoder: ModalityEncoder = self.encoders[modality]
         projector: Projector = self.projectors[modality]
-        out: list[torch.Tensor | None] = [None] * len(items)
+        out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(items)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(items):
             groups.setdefault(tuple(x.shape), []).append(i)
         for indices in groups.values():
             batch = torch.stack([items[i] for i in indices]).to(encoder.device)  # (B, ...)
             features = batch if encoded else encoder(batch)  # (B, N, D_enc)
-            proj_dtype = next(projector.parameters()).dtype
-            tokens = projector(features.to(proj_dtype))  # (B, M, D_llm)
+            x = features.to(next(projector.parameters()).dtype)
+            if word_probs:
+                probs = projector.word_probs(x)  # type: ignore[union-attr]
+                tokens, probs_of = projector.mix(probs), list(probs)  # type: ignore[union-attr]
+            else:
+                tokens, probs_of = projector(x), [None] * len(indices)  # (B, M, D_llm)
             for j, i in enumerate(indices):
-                out[i] = tokens[j]
+                out[i] = (tokens[j], probs_of[j])
         return out  # type: ignore[return-value]
 
     def embed(

@@ -73,6 +73,10 @@ class StageConfig:
     closest to it onto its input embedding (1 - cosine), so media tokens become word-like (a grid cell
     spelled as "red", "circle", "small"); use with a projector that writes several tokens per feature
     (``mlp2x_gelu`` with ``tokens_per_feature``). 0 turns it off."""
+    contrastive_count_weight: float = 0.0
+    """Weight of the contrastive stage's word-count term, for modalities with a ``word_mix`` projector:
+    the probability a sample's tokens give each vocabulary word must match how often its caption holds
+    it (``mm_llama.train.contrastive.word_count_loss``). 0 turns it off."""
     only: list[str] | None = None
     """Train on the records whose media are all of these modalities (``None``: every record), e.g. a
     stage that pretrains one encoder on its captions out of a mixed caption file."""
@@ -219,7 +223,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
                 f"{where}.only: expected modalities of the model ({', '.join(cfg.model.modalities)}), "
                 f"got {stage.only}"
             )
-        for field_name in ("contrastive_word_weight", "contrastive_match_weight"):
+        for field_name in ("contrastive_word_weight", "contrastive_match_weight", "contrastive_count_weight"):
             if getattr(stage, field_name) < 0:
                 raise ValueError(f"{where}.{field_name}: expected >= 0, got {getattr(stage, field_name)}")
         if stage.contrastive_temperature <= 0:

@@ -14,7 +14,11 @@ the objective costs no LLM forward pass at all (running the decoder over the cap
 than the encoders themselves on a CPU). Captions come from the stage's labels (the
 supervised tokens of a ``plain`` caption record), so the stage reads the same data as stage 1.
 
-A second term keeps each projected token's norm at the mean norm of the caption's word embeddings
+For a modality with a ``word_mix`` projector (tokens that are mixtures of caption-word embeddings), the
+word-count term (``count_weight``) supervises the mixtures themselves: each sample's tokens must give
+every vocabulary word as much probability mass as its caption has occurrences of it.
+
+A last term keeps each projected token's norm at the mean norm of the caption's word embeddings
 (InfoNCE alone leaves the scale free, and tokens several times larger than any word derail the LLM).
 
 Samples with identical captions are positives of each other (soft targets), so templated captions
@@ -32,6 +36,7 @@ from torch.nn import functional as F
 
 from mm_llama.model import MultimodalLM
 from mm_llama.processor import IGNORE_INDEX
+from mm_llama.projectors.words import WordMixProjector
 
 WEIGHTINGS = ("idf", "uniform")
 """How a caption's token embeddings are pooled into its embedding (see the module docstring)."""
@@ -49,21 +54,24 @@ class ContrastiveAligner(nn.Module):
         weighting: str = "idf",
         word_weight: float = 1.0,
         match_weight: float = 0.0,
+        count_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"contrastive weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-        if word_weight < 0 or match_weight < 0:
+        if word_weight < 0 or match_weight < 0 or count_weight < 0:
             raise ValueError(
-                f"contrastive word / match weights must be >= 0, got {word_weight}, {match_weight}"
+                "contrastive word / match / count weights must be >= 0, got "
+                f"{word_weight}, {match_weight}, {count_weight}"
             )
         self.model = model
         self.temperature = temperature
         self.weighting = weighting
         self.word_weight = word_weight
         self.match_weight = match_weight
+        self.count_weight = count_weight
 
     def media_tokens(
         self,
@@ -72,17 +80,34 @@ class ContrastiveAligner(nn.Module):
         features: dict[str, list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         """The projected media tokens of each sample, (M_b, D_llm) float32 (all its items' tokens)."""
+        return self._media(input_ids, media, features, word_probs=False)[0]
+
+    def _media(
+        self,
+        input_ids: torch.Tensor,
+        media: dict[str, list[torch.Tensor]],
+        features: dict[str, list[torch.Tensor]],
+        word_probs: bool,
+    ) -> tuple[list[torch.Tensor], dict[str, dict[int, list[torch.Tensor]]]]:
+        """``media_tokens``, and with ``word_probs`` the word distributions of each ``word_mix`` modality:
+        modality -> sample row -> its items' (M_i, V + 1) distributions."""
         model = self.model
         batch = input_ids.shape[0]
         per_sample: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        words: dict[str, dict[int, list[torch.Tensor]]] = {}
         for name, pid in model.processor.placeholder_ids.items():
             items = features.get(name) or media.get(name) or []
             if not items:
                 continue
-            tokens = model.encode(name, items, name in features)  # each (M_i, D)
+            encoded = name in features
+            if word_probs and isinstance(model.projectors[name], WordMixProjector):
+                pairs = model.encode_words(name, items, encoded)
+                words[name] = {}
+            else:
+                pairs = [(t, None) for t in model.encode(name, items, encoded)]
             slots = (input_ids == pid).sum(1).tolist()  # placeholders per sample
             row = 0
-            for t in tokens:  # items fill the samples' placeholder slots in batch order
+            for t, probs in pairs:  # items fill the samples' placeholder slots in batch order
                 while row < batch and slots[row] == 0:
                     row += 1
                 if row == batch or slots[row] < t.shape[0]:
@@ -90,12 +115,14 @@ class ContrastiveAligner(nn.Module):
                         f"contrastive stage: the {name} inputs do not match the <{name}> placeholders"
                     )
                 per_sample[row].append(t.float())
+                if probs is not None:
+                    words[name].setdefault(row, []).append(probs)
                 slots[row] -= t.shape[0]
         if not all(per_sample):
             raise ValueError(
                 "contrastive stage: every record needs a media item (a caption record: '<image>' + caption)"
             )
-        return [torch.cat(tokens) for tokens in per_sample]
+        return [torch.cat(tokens) for tokens in per_sample], words
 
     @torch.no_grad()
     def captions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +153,9 @@ class ContrastiveAligner(nn.Module):
         features: dict[str, list[torch.Tensor]] | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """InfoNCE + caption-word prediction + word match + token scale, averaged over the batch (a scalar)."""
-        tokens = self.media_tokens(input_ids, media or {}, features or {})  # B x (M_b, D)
+        """InfoNCE + caption-word prediction + word match + word count + token scale, averaged over the
+        batch (a scalar)."""
+        tokens, words = self._media(input_ids, media or {}, features or {}, self.count_weight > 0)
         caption_ids, weights = self.captions(labels)  # (B, L), (B, L)
         table = self.model.llm.get_input_embeddings()
         with torch.no_grad():
@@ -154,7 +182,14 @@ class ContrastiveAligner(nn.Module):
         if self.match_weight > 0:
             loss = loss + self.match_weight * word_match_loss(tokens, embeds, weights)
 
-        # 4. InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
+        # 4. Word count (see word_count_loss), for each modality with a word_mix projector
+        for name, by_row in words.items():
+            rows = sorted(by_row)
+            loss = loss + self.count_weight * word_count_loss(
+                [torch.cat(by_row[r]) for r in rows], self.model.projectors[name].word_ids, caption_ids[rows]
+            )
+
+        # 5. InfoNCE only sees directions; keep every projected token at the scale of a word embedding, or
         # the LLM later reads tokens 3-10x larger than any word it knows.
         norms = torch.cat([t.norm(dim=-1) for t in tokens])
         return loss + ((norms / word_norm - 1.0) ** 2).mean()
@@ -212,6 +247,29 @@ def word_match_loss(tokens: list[torch.Tensor], words: torch.Tensor, weights: to
         closest = (w @ F.normalize(t, dim=-1).T).max(1).values  # (L,) each word's best cosine
         losses.append((wt * (1.0 - closest)).sum() / wt.sum().clamp(min=1e-8))
     return torch.stack(losses).mean()
+
+
+def word_count_loss(
+    probs: list[torch.Tensor], word_ids: torch.Tensor, caption_ids: torch.Tensor
+) -> torch.Tensor:
+    """Idf-weighted mean squared error between how much probability a sample's media tokens give each
+    vocabulary word and how many times its caption holds the word.
+
+    A count, not a "named by some token" likelihood: with a noisy-OR or a max over tokens, tokens that
+    cannot tell (an empty grid cell) hedge on the common words ("circle" in half the captions) at little
+    cost, and the LLM then meets a circle in every empty cell; here every unit of mass on a word the
+    caption lacks costs as much as a missing one, so empty cells take the null entry. Idf is over these
+    samples (a word in every caption weighs 0). ``probs``: B x (M_b, V + 1) word distributions of a
+    ``word_mix`` projector; ``word_ids`` (V,) its vocabulary (-1: unused); ``caption_ids`` (B, L), -1
+    padded."""
+    used = word_ids >= 0  # (V,)
+    hits = (caption_ids.unsqueeze(-1) == word_ids.view(1, 1, -1)) & used & (caption_ids >= 0).unsqueeze(-1)
+    counts = hits.float().sum(1)  # (B, V) occurrences of each word in each caption
+    rows = caption_ids.shape[0]
+    idf = torch.log((1.0 + rows) / (1.0 + (counts > 0).float().sum(0))) * used  # (V,)
+    mass = torch.stack([p[:, : len(word_ids)].sum(0) for p in probs])  # (B, V)
+    weights = idf.unsqueeze(0).expand_as(mass)
+    return (weights * (mass - counts) ** 2).sum() / weights.sum().clamp(min=1e-8)
 
 
 def _idf(ids: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
             stage.contrastive_weighting,
             stage.contrastive_word_weight,
             stage.contrastive_match_weight,
+            stage.contrastive_count_weight,
         )
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     unwrapped: MultimodalLM = model

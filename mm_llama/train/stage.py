@@ -10,6 +10,7 @@ decides what trains.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from accelerate.utils import set_seed
 from peft import PeftModel
 
 from mm_llama.config import ModelConfig
+from mm_llama.data.dataset import CONVERSATIONS_KEY, ConversationDataset
 from mm_llama.model import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE, MultimodalLM
-from mm_llama.train.config import TrainConfig
+from mm_llama.processor import normalize_messages
+from mm_llama.projectors.words import WordMixProjector
+from mm_llama.train.config import StageConfig, TrainConfig
 from mm_llama.train.freeze import freeze_for_stage
 from mm_llama.train.lora import add_lora, enable_gradient_checkpointing
 
@@ -61,6 +65,38 @@ def load_saved_parts(model: MultimodalLM, path: Path) -> None:
     )
 
 
+def caption_vocabulary(model: MultimodalLM, stage: StageConfig, modality: str, size: int) -> list[int]:
+    """The ``size`` LLM token ids that the most records with ``modality`` media hold in their assistant
+    replies (document frequency, ties by id), for a ``word_mix`` projector; [] when no record has it."""
+    dataset = ConversationDataset(stage.data, model.processor, data_root=stage.data_root, check_media=False)
+    special = set(model.tokenizer.all_special_ids)
+    df: Counter[int] = Counter()
+    for i in range(len(dataset)):
+        if modality not in dataset.media(i):
+            continue
+        replies = [
+            m["content"]
+            for m in normalize_messages(dataset.record(i)[CONVERSATIONS_KEY], dataset.where(i))
+            if m["role"] == "assistant"
+        ]
+        ids = model.tokenizer(" ".join(replies), add_special_tokens=False)["input_ids"]
+        df.update(set(ids) - special)
+    return [i for i, _ in sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def anchor_word_projectors(model: MultimodalLM, stage: StageConfig, name: str) -> None:
+    """Give every ``word_mix`` projector without a vocabulary the stage's caption vocabulary."""
+    for modality, projector in model.projectors.items():
+        if not isinstance(projector, WordMixProjector) or projector.anchored:
+            continue
+        ids = caption_vocabulary(model, stage, modality, projector.options.vocab_size)
+        if not ids:
+            continue  # this stage has no such records; a later one anchors it
+        projector.anchor(ids, model.llm.get_input_embeddings())
+        words = [model.tokenizer.decode([i]) for i in ids]
+        logger.info("stages.%s: %s projector vocabulary (%d words): %s", name, modality, len(ids), words)
+
+
 def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
     """The model of stage ``name``, initialised, adapted and frozen for training."""
     stage = cfg.stages[name]
@@ -70,6 +106,7 @@ def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
     adapter = init / ADAPTER_DIR if init is not None and (init / ADAPTER_DIR).is_dir() else None
     if init is not None:
         load_saved_parts(model, init)
+    anchor_word_projectors(model, stage, name)
     if stage.gradient_checkpointing and stage.llm != "qlora":
         enable_gradient_checkpointing(model)
     if stage.llm in ("lora", "qlora"):

@@ -19,6 +19,7 @@ from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.projectors import PROJECTORS, build_projector
 from mm_llama.projectors.pool import PoolProjector
 from mm_llama.projectors.resampler import ResamplerProjector
+from mm_llama.projectors.words import WordMixProjector
 from tests.conftest import TINY_CLIP, tiny_llm_config
 
 D_IN = 24
@@ -191,6 +192,7 @@ TINY_PROJECTORS: dict[str, dict[str, Any]] = {
     "mlp2x_gelu": {"tokens_per_feature": 2},  # K = 1 is LLaVA's projector: tests/core/test_parity_llava.py
     "resampler": {"num_latents": 4, "depth": 1, "heads": 2, "dim": 16},
     "pool": {"output_tokens": 4},
+    "word_mix": {"tokens_per_feature": 2, "vocab_size": 6},
 }
 """Registry key -> tiny options. Every projector shipped in mm_llama needs an entry."""
 
@@ -244,6 +246,8 @@ def test_every_projector_with_every_encoder(
         system_prompt="Be brief.",
     )
     model = MultimodalLM(config, llm=llm, tokenizer=tokenizer).eval()  # eval: no dropout, batch equality
+    if isinstance(model.projectors[modality], WordMixProjector):  # its vocabulary comes from training data
+        model.projectors[modality].anchor([5, 9, 11, 20], llm.get_input_embeddings())
     conversation = [
         {"role": "user", "content": f"<{modality}>\nWhat is it?"},
         {"role": "assistant", "content": "Noise."},
@@ -261,6 +265,59 @@ def test_every_projector_with_every_encoder(
     embeds[slots].square().mean().backward()
     grads = [p.grad for p in model.projectors[modality].parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def word_mix(**options: Any) -> WordMixProjector:
+    torch.manual_seed(SEED)
+    spec = ProjectorConfig(type="word_mix", options={"tokens_per_feature": 3, "vocab_size": 5, **options})
+    return build_projector("image", spec, D_IN, D_OUT)
+
+
+def test_word_mix_tokens_are_mixtures_of_its_word_embeddings() -> None:
+    projector = word_mix()
+    table = torch.nn.Embedding(50, D_OUT)
+    x = torch.randn(2, 4, D_IN)
+    torch.testing.assert_close(projector(x), torch.zeros(2, 12, D_OUT))  # no vocabulary yet: all null
+    projector.anchor([7, 3, 42], table)  # 3 of the 5 slots: the other 2 stay unused
+    assert projector.anchored and projector.word_ids.tolist() == [7, 3, 42, -1, -1]
+    probs = projector.word_probs(x)
+    assert probs.shape == (2, 4 * 3, 5 + 1) and projector.num_tokens(4) == 12
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 12))
+    assert (probs[..., 3:5] == 0).all()  # unused slots get nothing
+    rows = torch.cat([table.weight[[7, 3, 42]], table.weight[[7, 3, 42]].mean(0, keepdim=True)]).detach()
+    torch.testing.assert_close(projector(x), probs[..., [0, 1, 2, 5]] @ rows)  # null starts at the mean
+    with torch.no_grad():  # a confident distribution writes the word's own embedding
+        projector.linear_2.bias.view(3, 6)[:, 2] = 100.0
+    torch.testing.assert_close(projector(x), table.weight[42].detach().expand(2, 12, D_OUT))
+    with pytest.raises(ValueError, match="expected 1 to 5 vocabulary ids, got 6"):
+        projector.anchor(list(range(6)), table)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        word_mix(temperature=0.0)
+
+
+def test_word_mix_vocabulary_is_saved_with_the_projector(tmp_path) -> None:
+    torch.manual_seed(SEED)
+    config = ModelConfig(
+        llm=tiny_llm_config(),
+        modalities={
+            "image": ModalityConfig(
+                encoder=EncoderConfig(type="hf_vision", options={"config": copy.deepcopy(TINY_CLIP)}),
+                projector=ProjectorConfig(type="word_mix", options={"vocab_size": 8}),
+            )
+        },
+    )
+    model = MultimodalLM(config).eval()
+    model.projectors["image"].anchor([100, 200, 300], model.llm.get_input_embeddings())
+    model.save_pretrained(tmp_path / "run", copy_llm=True)
+    loaded = MultimodalLM.from_pretrained(tmp_path / "run").eval()
+    assert loaded.projectors["image"].word_ids.tolist() == [100, 200, 300] + [-1] * 5
+    batch = model.prepare(["<image> what?"], {"image": [[image(40, 50)]]})
+    with torch.no_grad():
+        expected = model(
+            batch["input_ids"], batch["attention_mask"], media=batch["media"], return_logits=True
+        )
+        got = loaded(batch["input_ids"], batch["attention_mask"], media=batch["media"], return_logits=True)
+    torch.testing.assert_close(got.logits, expected.logits)
 
 
 def test_resampler_and_pool_checkpoint_round_trip(tmp_path) -> None:
