@@ -39,7 +39,7 @@ def test_mixed_prompt_tiny(media: dict[str, list[str]]) -> None:
     model = quickstart_model(tiny_llm_config())
     example = model.processor(PROMPT, media)
     counts = {m: example.input_ids.count(pid) for m, pid in model.processor.placeholder_ids.items()}
-    assert counts == {"image": 4, "audio": 8, "video": 4, "imu": 4}
+    assert counts == {"image": 20, "audio": 8, "video": 4, "imu": 4}
     batch = model.processor.collate(
         [model.processor([{"from": "human", "value": PROMPT}, {"from": "gpt", "value": "a cat"}], media)]
     )

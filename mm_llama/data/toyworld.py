@@ -518,10 +518,13 @@ def _answer(
     """The answer to a ``qtype`` question about a sample and its template slots; None if it has no answer.
 
     For a follow-up turn: a colour question needs a shape that occurs exactly once; an existence
-    question asks about a present or an absent shape with equal odds (when both exist), never about a
-    shape in ``named`` (the shapes earlier turns asked about): a colour question only names present
-    shapes, so "is there a X?" after "what colour is the X?" would be answerable from the text alone,
-    and a model learns that shortcut (mentioned -> yes, else no) instead of looking at the image."""
+    question asks about a present or an absent shape with equal odds, never about a shape in ``named``
+    (the shapes earlier turns asked about), and only when both a present and an absent candidate remain.
+    Both rules close shortcuts a model learns instead of looking: a colour question only names present
+    shapes, so "is there a X?" after "what colour is the X?" would be a free "yes"; and forcing an
+    answer when one side is empty ties it to the count (one shape, already named: always "no"; three
+    kinds: always "yes"; the follow-ups said "yes" 10% of the time for one shape and 70% for three, and
+    the model answered by counting)."""
     if qtype in ("shape_color", "count_shapes", "shape_exists"):
         kinds = [s["shape"] for s in attrs["shapes"]]
         if qtype == "count_shapes":
@@ -533,11 +536,11 @@ def _answer(
             subject = str(rng.choice(unique))
             return attrs["shapes"][kinds.index(subject)]["color"], {"shape": subject}
         candidates = [k for k in SHAPES if k not in named]
-        if not candidates:
-            return None
         present = [k for k in candidates if k in kinds]
         absent = [k for k in candidates if k not in kinds]
-        answer = "yes" if not absent or (present and rng.random() < 0.5) else "no"
+        if not present or not absent:
+            return None
+        answer = "yes" if rng.random() < 0.5 else "no"
         return answer, {"shape": str(rng.choice(present if answer == "yes" else absent))}
     field = {
         "count_beeps": "n_beeps",

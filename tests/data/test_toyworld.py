@@ -293,3 +293,20 @@ def test_follow_ups_cannot_be_answered_from_the_text(tmp_path: Path) -> None:
             assert all(shape not in earlier["value"] for earlier in turns[:i]), record["id"]
             asked += 1
     assert asked > 20
+
+
+def test_existence_answers_do_not_depend_on_the_shape_count(tmp_path: Path) -> None:
+    """Every existence question says "yes" about half the time whatever the number of shapes: forced
+    follow-up answers (one shape, already named: always "no") let a model answer by counting."""
+    paths = tw.generate_toyworld(tmp_path, seed=2, n_train=600, n_val=0, n_test=0, modalities=["image"])
+    attributes = json.loads(paths["attributes_train"].read_text())
+    answers: dict[int, list[bool]] = {1: [], 2: [], 3: []}
+    for record in _load(paths, "instruct_train"):
+        n = len(attributes[record["id"]]["shapes"])
+        answers[n] += [t["answer"] == "yes" for t in record["turns"] if t["question_type"] == "shape_exists"]
+    for n, said_yes in answers.items():
+        assert len(said_yes) > 80 and abs(np.mean(said_yes) - 0.5) < 0.08, (
+            n,
+            len(said_yes),
+            np.mean(said_yes),
+        )
