@@ -67,7 +67,7 @@ def _smollm2_gguf() -> Path:
 def _materialize_smollm2() -> Path:
     """Dequantize the packaged GGUF once and cache it as a standard safetensors folder."""
     target = cache_dir() / SMOLLM2_ALIAS
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_complete(target):
         return target
     gguf = _smollm2_gguf()
     logger.info("dequantizing %s into %s (once)", gguf, target)
@@ -82,11 +82,32 @@ def _materialize_smollm2() -> Path:
     clean.generation_config = gguf_model.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    clean.save_pretrained(tmp, safe_serialization=True)
+    save_on_this_process(clean, tmp)
     tokenizer.save_pretrained(tmp)
+    if _is_complete(target):  # another process (several training processes start at once) got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written cache
+    try:
+        tmp.rename(target)  # atomic: a crash mid-save never leaves a half-written cache
+    except OSError:  # another process renamed its copy in between
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def save_on_this_process(model: PreTrainedModel, folder: str | Path) -> None:
+    """``model.save_pretrained(folder)`` on whichever process calls it. Once torch.distributed is up,
+    transformers writes only on global rank 0, but the folders here are each process's own (a temp
+    folder) or each machine's (the cache)."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # type: ignore[method-assign]
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def resolve_name(name_or_path: str) -> str:
@@ -151,7 +172,7 @@ def load_llm(cfg: LLMConfig, vocab_size: int | None = None) -> PreTrainedModel:
 def _quantize_random(config: AutoConfig, cfg: LLMConfig) -> PreTrainedModel:
     """A randomly initialised model saved to a temp folder and reloaded in 4 bits (tests, experiments)."""
     with tempfile.TemporaryDirectory(prefix="mm-llama-rand-") as tmp:
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp)
+        save_on_this_process(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tmp)
         return AutoModelForCausalLM.from_pretrained(
             tmp,
             dtype=DTYPES[cfg.dtype],

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -345,34 +345,48 @@ class MultimodalLM(nn.Module):
         return sorted(i for i in ids if i is not None)
 
     # ---- save / load -----------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, copy_llm: bool = False) -> Path:
+    def save_pretrained(
+        self, path: str | Path, copy_llm: bool = False, state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write the checkpoint folder (see the module docstring). The LLM and pretrained frozen encoders
         are referenced by id/path; ``copy_llm=True`` also writes the LLM to ``llm/``, with a LoRA adapter
-        merged into it (this model's LLM is then the merged one, and no ``adapter/`` is written)."""
+        merged into it (this model's LLM is then the merged one, and no ``adapter/`` is written).
+        ``state_dict`` (names as in :meth:`state_dict`) is written instead of the live tensors: what a
+        sharded (FSDP) run gathers on its main process, where this model holds only shards."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
+
+        def part(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+            if state_dict is None:
+                return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
         state = {
-            f"{name}.{k}": v.detach().cpu().contiguous()
+            f"{name}.{k}": v
             for name, p in self.projectors.items()
-            for k, v in p.state_dict().items()
+            for k, v in part(f"projectors.{name}.", p).items()
         }
         save_file(state, path / PROJECTORS_FILE)
         for name in self._own_encoders():
             (path / ENCODERS_DIR).mkdir(exist_ok=True)
-            enc_state = {
-                k: v.detach().cpu().contiguous() for k, v in self.encoders[name].state_dict().items()
-            }
-            save_file(enc_state, path / ENCODERS_DIR / f"{name}.safetensors")
+            save_file(
+                part(f"encoders.{name}.", self.encoders[name]), path / ENCODERS_DIR / f"{name}.safetensors"
+            )
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        llm_state = None if state_dict is None else part("llm.", self.llm)
         if copy_llm:
             if hasattr(self.llm, "merge_and_unload"):  # the adapter goes into the copy, not beside it
+                if state_dict is not None:
+                    raise ValueError(
+                        "save_pretrained: a LoRA adapter cannot be merged from a gathered state_dict"
+                    )
                 self.llm = self.llm.merge_and_unload()
                 shutil.rmtree(path / ADAPTER_DIR, ignore_errors=True)
-            self.llm.save_pretrained(path / LLM_DIR, safe_serialization=True)
+            self.llm.save_pretrained(path / LLM_DIR, safe_serialization=True, state_dict=llm_state)
             config = replace(config, llm=replace(config.llm, name_or_path=LLM_DIR, from_config=None))
         elif hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(path / ADAPTER_DIR)
+            self.llm.save_pretrained(path / ADAPTER_DIR, state_dict=llm_state)
         save_config(config, path / CONFIG_FILE)
         return path
 

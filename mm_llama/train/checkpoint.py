@@ -14,6 +14,11 @@ A checkpoint holds exactly what is needed to continue a stage as if it had never
 
 It is written to a hidden temporary folder and renamed into place, so a crash mid-write never leaves a
 half checkpoint that a resume would pick up. No pickles: everything loads without executing code.
+
+Under FSDP (accelerate's FSDP2: parameters and AdamW moments are ``DTensor`` shards) every process
+takes part in a save, which all-gathers the shards into full tensors, and in a load, which cuts the
+full tensors back into each process's shards; the files are the same as a single process writes, so a
+run may resume on another number of processes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
@@ -106,8 +112,26 @@ class RNGState:
         )
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP holds ``model``'s parameters as shards (``DTensor``): saving it is then collective."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, all-gathered first if it is a shard (a collective: every process calls it)."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+
+
+def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A full tensor read from a file, as ``target`` holds it: this process's shard if ``target`` is one."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+    return value
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters with ``requires_grad`` and the persistent buffers of the modules that own them."""
+    """Parameters with ``requires_grad`` and the persistent buffers of the modules that own them (on a
+    sharded model every process must call it)."""
     state: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -116,11 +140,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{module_name}." if module_name else ""
         for name, p in own:
             if p.requires_grad:
-                state[prefix + name] = p.detach().cpu().contiguous()
+                state[prefix + name] = _full(p)
         for name, b in module.named_buffers(recurse=False):
             if b is not None and name not in module._non_persistent_buffers_set:
-                state[prefix + name] = b.detach().cpu().contiguous()
+                state[prefix + name] = _full(b)
     return state
+
+
+def full_state(model: nn.Module, with_frozen_llm: bool) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every shard all-gathered, on the CPU (every process must call it); the
+    frozen weights under ``llm.`` only if ``with_frozen_llm`` (a LoRA run saves its adapter, not them).
+    What :meth:`MultimodalLM.save_pretrained` writes at the end of a sharded run."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: _full(value)
+        for name, value in model.state_dict(keep_vars=True).items()
+        if with_frozen_llm or name in trainable or not name.startswith("llm.")
+    }
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -135,7 +171,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where
         raise ValueError(f"{where}: no value for {len(missing)} trainable parameter(s), e.g. {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            own[name].copy_(value)
+            own[name].copy_(_like(value, own[name]))
 
 
 def _optimizer_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -144,25 +180,34 @@ def _optimizer_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = _full(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     keys = {str(index): list(entry) for index, entry in state["state"].items()}
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _optimizer_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], params: list[torch.Tensor]
+) -> dict[str, Any]:
+    """The optimizer state dict back from its files; moments of a sharded parameter become its shards."""
     state = {}
     for index, keys in meta["keys"].items():
         scalars = meta["scalars"].get(index, {})
+        param = params[int(index)]
         state[int(index)] = {
-            k: tensors[f"{index}.{k}"] if f"{index}.{k}" in tensors else scalars[k] for k in keys
+            k: _moment(tensors[f"{index}.{k}"], param) if f"{index}.{k}" in tensors else scalars[k]
+            for k in keys
         }
     groups = [
         {k: tuple(v) if k in TUPLE_GROUP_KEYS else v for k, v in group.items()}
         for group in meta["param_groups"]
     ]
     return {"state": state, "param_groups": groups}
+
+
+def _moment(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return _like(value, param) if value.shape == param.shape else value  # AdamW's scalar "step" stays
 
 
 def save_checkpoint(
@@ -179,7 +224,9 @@ def save_checkpoint(
     """Write a checkpoint atomically into ``directory`` (a ``step-NNNNNN`` folder).
 
     Every process calls it with its own ``rng``; ``barrier`` synchronises them (pass a no-op on the
-    crash path, where only the main process writes). Returns the final folder."""
+    crash path, where only the main process writes: a sharded model has no crash path, its shards are
+    on every process). Returns the final folder."""
+    sharded = is_sharded(model)
     tmp = directory.with_name(f".{directory.name}.tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,9 +234,11 @@ def save_checkpoint(
     barrier()
     rng.save(tmp, rank)
     barrier()
-    if is_main:
-        save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
+    if is_main or sharded:
+        trainable = trainable_state(model)
         opt_tensors, opt_meta = _optimizer_files(optimizer.state_dict())
+    if is_main:
+        save_file(trainable, str(tmp / TRAINABLE_FILE))
         save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS_FILE))
         (tmp / OPTIMIZER_META_FILE).write_text(json.dumps(opt_meta))
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
@@ -211,7 +260,9 @@ def load_checkpoint(
     process's saved RNG state (``None`` if it wrote none). The caller restores the RNG last."""
     load_trainable_state(model, load_file(str(directory / TRAINABLE_FILE)), str(directory / TRAINABLE_FILE))
     meta = json.loads((directory / OPTIMIZER_META_FILE).read_text())
-    optimizer.load_state_dict(_optimizer_state(load_file(str(directory / OPTIMIZER_TENSORS_FILE)), meta))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors = load_file(str(directory / OPTIMIZER_TENSORS_FILE))
+    optimizer.load_state_dict(_optimizer_state(tensors, meta, params))
     scheduler.load_state_dict(json.loads((directory / SCHEDULER_FILE).read_text()))
     return read_trainer_state(directory), RNGState.load(directory, rank)
 

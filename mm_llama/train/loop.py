@@ -1,7 +1,8 @@
 """The training loop, on Hugging Face accelerate: ``train(cfg)`` runs a config's stages in order.
 
-The same code runs on one process and under ``accelerate launch`` (DDP; FSDP or DeepSpeed come from
-the accelerate config). Per optimizer step, every process draws its micro-batches of one global batch
+The same code runs on one process and under ``accelerate launch`` (DDP, or FSDP from the accelerate
+config: accelerate's FSDP2, whose shards the checkpoints gather; DeepSpeed is refused, see
+:func:`check_distributed`). Per optimizer step, every process draws its micro-batches of one global batch
 (``LengthGroupedBatchSampler``), so the global batch does not depend on the number of processes. The
 loss is the mean over all supervised tokens of the global batch (token counts are summed across
 micro-batches and processes first), so gradient accumulation and data parallelism give the gradient of
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import (
     get_constant_schedule_with_warmup,
@@ -43,6 +44,8 @@ from mm_llama.processor import IGNORE_INDEX
 from mm_llama.train.checkpoint import (
     CHECKPOINTS_DIR,
     RNGState,
+    full_state,
+    is_sharded,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -129,6 +132,21 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
+def check_distributed(accelerator: Accelerator) -> None:
+    """Refuse the launches whose checkpoints this loop cannot write: DeepSpeed (its engine owns the
+    optimizer and partitions parameters its own way) and FSDP version 1 (flat parameters)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "accelerate config: distributed_type DEEPSPEED is not supported by mm_llama's training loop; "
+            "to shard a model over GPUs use distributed_type FSDP with fsdp_version 2 (or DDP: MULTI_GPU)"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(
+            "accelerate config: fsdp_version 1 is not supported by mm_llama's training loop (its flat "
+            "parameters); set fsdp_version: 2"
+        )
+
+
 def param_groups(model: MultimodalLM, stage: StageConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: projectors, encoders and LLM each at their own learning rate; weight decay
     on matrices only."""
@@ -165,6 +183,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(stage.mixed_precision), kwargs_handlers=[ddp]
     )
+    check_distributed(accelerator)
     accumulation = stage_grad_accumulation(stage, accelerator.num_processes, f"stages.{name}")
     accelerator.gradient_accumulation_steps = accumulation
     main, rank = accelerator.is_main_process, accelerator.process_index
@@ -191,9 +210,10 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     if main:
         logger.info(
             "%s: %d records, %d process(es) x %d accumulation x micro-batch %d = global batch %d; "
-            "%d steps (%d per epoch), mixed precision %s",
+            "%d steps (%d per epoch), mixed precision %s, distributed %s%s",
             name, len(loader.dataset), accelerator.num_processes, accumulation, stage.micro_batch_size,
-            stage.batch_size, total, per_epoch, accelerator.mixed_precision,
+            stage.batch_size, total, per_epoch, accelerator.mixed_precision, accelerator.distributed_type.value,
+            " (parameters sharded)" if is_sharded(unwrapped) else "",
         )  # fmt: skip
     scheduler = SCHEDULES[stage.lr_schedule](
         optimizer, num_warmup_steps=math.ceil(stage.warmup_ratio * total), num_training_steps=total
@@ -217,6 +237,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
             prune_checkpoints(out, stage.keep_checkpoints)
 
     params = [p for p in trainee.parameters() if p.requires_grad]
+    sharded = is_sharded(unwrapped)  # FSDP: saving gathers the shards, on every process
     reporter = Reporter(out, name, total, history["step"], stage.log_every, main)
     saved_step = history["step"]
     boundary_rng = RNGState.capture()  # the RNG at the last step boundary: what a crash checkpoint holds
@@ -261,6 +282,8 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     except BaseException:
         if main and updating:
             logger.error("%s: interrupted while applying an update; resume from the last checkpoint", name)
+        elif main and sharded:  # gathering the shards needs every process, and the others may be gone
+            logger.error("%s: interrupted (sharded model): resume from the last checkpoint", name)
         elif main and history["step"] > saved_step:
             logger.error("%s: interrupted after step %d: writing a checkpoint first", name, history["step"])
             save(boundary_rng, crash=True)
@@ -270,8 +293,10 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
 
     if history["step"] > saved_step:
         save(boundary_rng)
+    copy_llm = stage.llm == "full"
+    gathered = full_state(unwrapped, with_frozen_llm=copy_llm) if sharded else None
     if main:
-        unwrapped.save_pretrained(out, copy_llm=stage.llm == "full")
+        unwrapped.save_pretrained(out, copy_llm=copy_llm, state_dict=gathered)
         plot_loss(history["loss"], out / LOSS_PLOT_FILE, f"{Path(cfg.output_dir).name} / {name}")
         write_history(history["loss"], history["lr"], history["seconds"], out / HISTORY_FILE)
         logger.info("%s: done (%d steps, %.0f s); model saved in %s", name, total, history["seconds"], out)
