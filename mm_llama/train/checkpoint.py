@@ -28,7 +28,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,9 +117,16 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the CPU, all-gathered first if it is a shard (a collective: every process calls it)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+def _gather(named: Iterable[tuple[str, torch.Tensor]], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, each all-gathered first if it is a shard (a collective: on a sharded model
+    every process calls it, in the same order). A process that writes nothing (``keep=False``) drops
+    each gathered tensor at once and gets ``{}``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in named:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = full.detach().cpu().contiguous()
+    return out
 
 
 def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -129,34 +136,35 @@ def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters with ``requires_grad`` and the persistent buffers of the modules that own them (on a
-    sharded model every process must call it)."""
-    state: dict[str, torch.Tensor] = {}
+def trainable_state(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters with ``requires_grad`` and the persistent buffers of the modules that own them (see
+    :func:`_gather` for a sharded model and ``keep``)."""
+    named: list[tuple[str, torch.Tensor]] = []
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not any(p.requires_grad for _, p in own):
             continue
         prefix = f"{module_name}." if module_name else ""
-        for name, p in own:
-            if p.requires_grad:
-                state[prefix + name] = _full(p)
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and name not in module._non_persistent_buffers_set:
-                state[prefix + name] = _full(b)
-    return state
+        named += [(prefix + name, p) for name, p in own if p.requires_grad]
+        named += [
+            (prefix + name, b)
+            for name, b in module.named_buffers(recurse=False)
+            if b is not None and name not in module._non_persistent_buffers_set
+        ]
+    return _gather(named, keep)
 
 
-def full_state(model: nn.Module, with_frozen_llm: bool) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every shard all-gathered, on the CPU (every process must call it); the
-    frozen weights under ``llm.`` only if ``with_frozen_llm`` (a LoRA run saves its adapter, not them).
-    What :meth:`MultimodalLM.save_pretrained` writes at the end of a sharded run."""
+def full_state(model: nn.Module, with_frozen_llm: bool, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` gathered on the CPU (see :func:`_gather`); the frozen weights under ``llm.``
+    only if ``with_frozen_llm`` (a LoRA run saves its adapter, not them). What
+    :meth:`MultimodalLM.save_pretrained` writes at the end of a sharded run."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {
-        name: _full(value)
+    named = [
+        (name, value)
         for name, value in model.state_dict(keep_vars=True).items()
         if with_frozen_llm or name in trainable or not name.startswith("llm.")
-    }
+    ]
+    return _gather(named, keep)
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -174,15 +182,18 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where
             own[name].copy_(_like(value, own[name]))
 
 
-def _optimizer_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
+def _optimizer_files(
+    state: dict[str, Any], keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    named: list[tuple[str, torch.Tensor]] = []
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = _full(value)
+                named.append((f"{index}.{key}", value))
             else:
                 scalars.setdefault(str(index), {})[key] = value
+    tensors = _gather(named, keep)
     keys = {str(index): list(entry) for index, entry in state["state"].items()}
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
 
@@ -234,9 +245,9 @@ def save_checkpoint(
     barrier()
     rng.save(tmp, rank)
     barrier()
-    if is_main or sharded:
-        trainable = trainable_state(model)
-        opt_tensors, opt_meta = _optimizer_files(optimizer.state_dict())
+    if is_main or sharded:  # the other processes take part in gathering the shards, and keep nothing
+        trainable = trainable_state(model, keep=is_main)
+        opt_tensors, opt_meta = _optimizer_files(optimizer.state_dict(), keep=is_main)
     if is_main:
         save_file(trainable, str(tmp / TRAINABLE_FILE))
         save_file(opt_tensors, str(tmp / OPTIMIZER_TENSORS_FILE))

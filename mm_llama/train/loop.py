@@ -204,6 +204,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
         )
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     unwrapped: MultimodalLM = model
+    sharded = is_sharded(unwrapped)  # FSDP: saving gathers the shards, on every process
     sampler, loader = _stage_data(cfg, name, accelerator, unwrapped, accumulation)
     per_epoch = sampler.steps_per_epoch
     total = stage.max_steps if stage.max_steps is not None else math.ceil(stage.epochs * per_epoch)
@@ -213,7 +214,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
             "%d steps (%d per epoch), mixed precision %s, distributed %s%s",
             name, len(loader.dataset), accelerator.num_processes, accumulation, stage.micro_batch_size,
             stage.batch_size, total, per_epoch, accelerator.mixed_precision, accelerator.distributed_type.value,
-            " (parameters sharded)" if is_sharded(unwrapped) else "",
+            " (parameters sharded)" if sharded else "",
         )  # fmt: skip
     scheduler = SCHEDULES[stage.lr_schedule](
         optimizer, num_warmup_steps=math.ceil(stage.warmup_ratio * total), num_training_steps=total
@@ -237,7 +238,6 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
             prune_checkpoints(out, stage.keep_checkpoints)
 
     params = [p for p in trainee.parameters() if p.requires_grad]
-    sharded = is_sharded(unwrapped)  # FSDP: saving gathers the shards, on every process
     reporter = Reporter(out, name, total, history["step"], stage.log_every, main)
     saved_step = history["step"]
     boundary_rng = RNGState.capture()  # the RNG at the last step boundary: what a crash checkpoint holds
@@ -294,7 +294,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     if history["step"] > saved_step:
         save(boundary_rng)
     copy_llm = stage.llm == "full"
-    gathered = full_state(unwrapped, with_frozen_llm=copy_llm) if sharded else None
+    gathered = full_state(unwrapped, with_frozen_llm=copy_llm, keep=main) if sharded else None
     if main:
         unwrapped.save_pretrained(out, copy_llm=copy_llm, state_dict=gathered)
         plot_loss(history["loss"], out / LOSS_PLOT_FILE, f"{Path(cfg.output_dir).name} / {name}")
