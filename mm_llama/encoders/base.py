@@ -1,16 +1,18 @@
 """The modality-encoder contract.
 
-An encoder turns one raw input (a path, bytes, array, tensor...) into a tensor with ``preprocess`` (a
-pure function of the input, no learned state) and a batch of such tensors into features with
-``forward``:
+An encoder has two halves. Its **preprocessor** (a :class:`MediaPreprocessor`, built from the encoder's
+options alone: no weights, picklable, so a processor and DataLoader workers carry it without the model)
+turns one raw input (a path, bytes, array, tensor...) into a tensor and says how many tokens the encoder
+will make of it; the **encoder** module turns a batch of such tensors into features:
 
-    preprocess(item)  -> Tensor          one item, e.g. (C, H, W) for an image, (T,) for audio
-    forward(x)        -> (B, N, D_enc)   x stacks B preprocessed items of the same shape
-    num_tokens(x)     -> N               for one preprocessed item (variable-size inputs differ)
+    Preprocessor(options)(item)      -> Tensor          one item, e.g. (C, H, W) for an image, (T,) for audio
+    Preprocessor(options).num_tokens(x) -> N            for one preprocessed item (variable-size inputs differ)
+    encoder.forward(x)               -> (B, N, D_enc)   x stacks B preprocessed items of the same shape
 
-Concrete encoders declare an ``Options`` dataclass (their config fields) and say whether they loaded
-pretrained weights (``is_pretrained``): pretrained encoders are frozen by default, encoders built from
-scratch train with the projector.
+``encoder.preprocess`` and ``encoder.num_tokens`` call the encoder's own preprocessor. Concrete encoders
+declare an ``Options`` dataclass (their config fields) and a ``Preprocessor`` class, and say whether they
+loaded pretrained weights (``is_pretrained``): pretrained encoders are frozen by default, encoders built
+from scratch train with the projector.
 """
 
 from __future__ import annotations
@@ -36,16 +38,39 @@ class NoOptions:
     """An encoder without options."""
 
 
+class MediaPreprocessor(ABC):
+    """Raw item -> tensor, and tensor -> token count, for one encoder configuration.
+
+    Built from the encoder's ``Options`` only (it may read small config files such as an image
+    processor's, never weights); picklable (options, plain numbers and library transforms, no modules
+    with weights); pure (no learned state, no randomness)."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    @abstractmethod
+    def __call__(self, item: Any) -> torch.Tensor:
+        """One raw input -> one tensor ready to batch."""
+
+    @abstractmethod
+    def num_tokens(self, x: torch.Tensor) -> int:
+        """N, the encoder's output tokens for one preprocessed item ``x``."""
+
+
 class ModalityEncoder(nn.Module, ABC):
-    """Base class of every encoder. Subclasses set ``modality`` and ``Options`` and implement the rest."""
+    """Base class of every encoder. Subclasses set ``modality``, ``Options`` and ``Preprocessor`` and
+    implement the rest."""
 
     modality: ClassVar[str]
     """The modality this encoder is made for (documentation; any modality slot may use it)."""
     Options: ClassVar[type] = NoOptions
+    Preprocessor: ClassVar[type[MediaPreprocessor]]
+    """Built from the options by :func:`build_preprocessor` (the standalone processor) and by the encoder."""
 
     def __init__(self, options: Any) -> None:
         super().__init__()
         self.options = options
+        self.preprocessor = self.Preprocessor(options)
 
     @property
     @abstractmethod
@@ -57,18 +82,17 @@ class ModalityEncoder(nn.Module, ABC):
     def is_pretrained(self) -> bool:
         """Whether the weights came from a checkpoint (frozen by default) or are random (trainable)."""
 
-    @abstractmethod
     def preprocess(self, item: Any) -> torch.Tensor:
-        """One raw input -> one tensor ready to batch. Pure: no learned state, no randomness."""
+        """One raw input -> one tensor ready to batch (this encoder's preprocessor)."""
+        return self.preprocessor(item)
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) preprocessed batch -> (B, N, D_enc) features."""
 
     def num_tokens(self, x: torch.Tensor) -> int:
-        """N for one preprocessed item; the default runs a shape-only pass on the meta device."""
-        with torch.device("meta"):
-            return int(self.forward(x.to("meta").unsqueeze(0)).shape[1])
+        """N for one preprocessed item (this encoder's preprocessor)."""
+        return self.preprocessor.num_tokens(x)
 
     def set_frozen(self, frozen: bool) -> None:
         """Freeze (or unfreeze) the encoder. Encoders that put new learned parts on top of a pretrained
@@ -145,6 +169,13 @@ def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEn
         norm_first=True,
     )
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
+    """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
+    cls = ENCODERS.get(cfg.type)
+    options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
+    return cls.Preprocessor(options)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:

@@ -1,7 +1,9 @@
 """The projector contract: the learned bridge from encoder features to LLM input embeddings.
 
     forward(x: (B, N, D_enc)) -> (B, M, D_llm)
-    num_tokens(n: int) -> M      how many placeholder slots one item with N encoder tokens needs
+    count_tokens(options, n) -> M   how many placeholder slots one item with N encoder tokens needs
+                                    (a classmethod of the options alone: the standalone processor
+                                    counts without building the projector); ``num_tokens(n)`` calls it
 
 Concrete projectors take ``(in_dim, out_dim, options)`` and declare an ``Options`` dataclass.
 """
@@ -39,9 +41,14 @@ class Projector(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D_enc) -> (B, M, D_llm)."""
 
-    def num_tokens(self, n: int) -> int:
-        """M for an input of N tokens; token-wise projectors keep N."""
+    @classmethod
+    def count_tokens(cls, options: Any, n: int) -> int:
+        """M for an input of N tokens under ``options``; token-wise projectors keep N."""
         return n
+
+    def num_tokens(self, n: int) -> int:
+        """M for an input of N tokens."""
+        return self.count_tokens(self.options, n)
 
 
 def build_projector(modality: str, cfg: ProjectorConfig, in_dim: int, out_dim: int) -> Projector:

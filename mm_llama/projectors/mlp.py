@@ -9,6 +9,8 @@ terms let each of the K tokens take its own word).
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import torch
@@ -44,5 +46,6 @@ class MLPProjector(Projector):
         y = self.linear_2(self.act(self.linear_1(x)))  # (B, N, K * D)
         return y.reshape(x.shape[0], -1, self.out_dim)  # (B, N * K, D)
 
-    def num_tokens(self, n: int) -> int:
-        return n * self.options.tokens_per_feature
+    @classmethod
+    def count_tokens(cls, options: Any, n: int) -> int:
+        return n * options.tokens_per_feature

@@ -10,6 +10,8 @@ pooled (never upsampled), so M is an upper bound. The MLP is LLaVA-1.5's Linear 
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 from dataclasses import dataclass
 
@@ -66,5 +68,6 @@ class PoolProjector(Projector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.pool(x))))
 
-    def num_tokens(self, n: int) -> int:
-        return min(n, self.options.output_tokens)
+    @classmethod
+    def count_tokens(cls, options: Any, n: int) -> int:
+        return min(n, options.output_tokens)

@@ -10,6 +10,8 @@ which a final layer norm and a linear map take to the LLM width:
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import torch
@@ -105,5 +107,6 @@ class ResamplerProjector(Projector):
             latents = layer(media, latents)
         return self.out_proj(self.norm(latents))  # (B, M, D_llm)
 
-    def num_tokens(self, n: int) -> int:
-        return self.options.num_latents
+    @classmethod
+    def count_tokens(cls, options: Any, n: int) -> int:
+        return options.num_latents

@@ -20,6 +20,8 @@ often the caption holds the word, so an empty cell's tokens learn the null entry
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,5 +107,6 @@ class WordMixProjector(Projector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.word_probs(x))
 
-    def num_tokens(self, n: int) -> int:
-        return n * self.options.tokens_per_feature
+    @classmethod
+    def count_tokens(cls, options: Any, n: int) -> int:
+        return n * options.tokens_per_feature
