@@ -26,7 +26,16 @@ def add_plugin_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def import_plugins(files: Sequence[Path]) -> None:
+_IMPORTED: list[str] = []
+"""The plugin files imported in this process, in order (resolved paths)."""
+
+
+def imported_plugins() -> list[str]:
+    """The plugin files this process imported, so that a spawned worker can import them too."""
+    return list(_IMPORTED)
+
+
+def import_plugins(files: Sequence[Path | str]) -> None:
     """Import each file as module ``mm_llama_plugin_<stem>``, so that its registrations run (e.g.
     ``register_modality`` and ``register_encoder``) before a config names them. A file already imported
     (same resolved path) is not run again."""
@@ -49,3 +58,4 @@ def import_plugins(files: Sequence[Path]) -> None:
         except BaseException:
             del sys.modules[name]
             raise
+        _IMPORTED.append(str(file.resolve()))

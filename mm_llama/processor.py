@@ -3,21 +3,42 @@
 The processor renders a conversation with the LLM tokenizer's chat template (or LLaVA's ``plain``
 stage-1 format), expands every modality marker (``<image>``, ``<audio>``, ...) into as many placeholder
 ids as the projector will emit for that item, and builds labels that are -100 everywhere except on the
-assistant replies. It also preprocesses the media through each encoder's pure ``preprocess``.
-Batches are padded on the right for training and on the left for generation.
+assistant replies. It also preprocesses the media through each encoder's preprocessor and counts the
+tokens each item needs with the projector's ``count_tokens``. Batches are padded on the right for
+training and on the left for generation.
+
+It stands alone, like transformers' ``LlavaProcessor``: :meth:`MultimodalProcessor.from_config` builds it
+from a ``ModelConfig`` (the tokenizer and the encoders' preprocessors; no LLM, no weights), it saves and
+loads by itself (``tokenizer/`` + ``processor.yaml``, or a model checkpoint folder), and it pickles, so
+``DataLoader`` workers started with ``spawn`` receive it (plugin modalities included: their files are
+imported again in the worker first).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mm_llama.modality import marker
+from mm_llama.config import (
+    ModalityConfig,
+    ModelConfig,
+    Template,
+    build_options,
+    from_dict,
+    read_mapping,
+    save_config,
+)
+from mm_llama.encoders.base import MediaPreprocessor, build_preprocessor
+from mm_llama.modality import check_modality, marker
+from mm_llama.plugins import import_plugins, imported_plugins
+from mm_llama.projectors.base import PROJECTORS
 
 IGNORE_INDEX = -100
 FALLBACK_CHAT_TEMPLATE = (
@@ -38,8 +59,46 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
+PROCESSOR_FILE = "processor.yaml"
+TOKENIZER_DIR = "tokenizer"
+MODEL_CONFIG_FILE = "mm_llama.yaml"
+"""A model checkpoint's config (see ``mm_llama.model_io``): a processor loads from it too."""
+
 MediaHandler = Callable[[Any], tuple[torch.Tensor, int]]
 """Raw item -> (preprocessed tensor, number of placeholder tokens it needs)."""
+
+
+@dataclass
+class ProcessorConfig:
+    """What a processor is built from: the model config without its LLM."""
+
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
+    template: Template = "chat"
+    system_prompt: str | None = None
+    max_length: int = 2048
+
+
+@dataclass
+class MediaTokens:
+    """A modality's media handler: the encoder's preprocessor, then the projector's token count."""
+
+    preprocessor: MediaPreprocessor
+    projector: type
+    """The projector class (its ``count_tokens`` classmethod; no weights)."""
+    projector_options: Any
+
+    def __call__(self, item: Any) -> tuple[torch.Tensor, int]:
+        x = self.preprocessor(item)
+        return x, self.projector.count_tokens(self.projector_options, self.preprocessor.num_tokens(x))
+
+
+def media_tokens(modality: str, spec: ModalityConfig) -> MediaTokens:
+    """The handler of one configured modality (options validated; nothing with weights is built)."""
+    projector = PROJECTORS.get(spec.projector.type)
+    options = build_options(
+        projector.Options, spec.projector.options, f"modalities.{modality}.projector.options"
+    )
+    return MediaTokens(build_preprocessor(modality, spec.encoder), projector, options)
 
 
 @dataclass
@@ -69,6 +128,13 @@ def normalize_messages(
     return messages
 
 
+def _restore(plugins: list[str], state: bytes) -> MultimodalProcessor:
+    import_plugins(plugins)
+    processor = MultimodalProcessor.__new__(MultimodalProcessor)
+    processor.__dict__.update(pickle.loads(state))
+    return processor
+
+
 class MultimodalProcessor:
     """Tokenizes conversations with media markers for a :class:`~mm_llama.model.MultimodalLM`."""
 
@@ -95,6 +161,84 @@ class MultimodalProcessor:
             )
         self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(marker(m)) for m in handlers}
         self._marker_re = re.compile("(" + "|".join(re.escape(m) for m in markers) + ")") if markers else None
+        self.config: ProcessorConfig | None = None
+        """What :meth:`from_config` built this processor from (``None`` for hand-made handlers)."""
+
+    # ---- construction, save and load -------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig | ProcessorConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> MultimodalProcessor:
+        """The processor of a model config: the LLM's tokenizer (or ``tokenizer``) and each modality's
+        preprocessor and token count. Builds no LLM and reads no weights."""
+        if isinstance(config, ModelConfig):
+            if tokenizer is None:
+                from mm_llama.llm import load_tokenizer
+
+                tokenizer = load_tokenizer(config.llm)
+            config = ProcessorConfig(
+                dict(config.modalities), config.template, config.system_prompt, config.max_length
+            )
+        elif tokenizer is None:
+            raise ValueError("MultimodalProcessor.from_config: a ProcessorConfig needs a tokenizer")
+        for name in config.modalities:
+            check_modality(name)
+        handlers = {name: media_tokens(name, spec) for name, spec in config.modalities.items()}
+        processor = cls(tokenizer, handlers, config.template, config.system_prompt, config.max_length)
+        processor.config = config
+        return processor
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``tokenizer/`` and ``processor.yaml`` into ``path`` (a model checkpoint folder or its own)."""
+        if self.config is None:
+            raise ValueError("save_pretrained: this processor was not built by from_config; it has no config")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        save_config(self.config, path / PROCESSOR_FILE)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MultimodalProcessor:
+        """Load a folder written by :meth:`save_pretrained` or by ``MultimodalLM.save_pretrained``
+        (``processor.yaml``, or else the model's ``mm_llama.yaml``, and ``tokenizer/``)."""
+        path = Path(path)
+        if not (path / TOKENIZER_DIR).is_dir():
+            raise FileNotFoundError(f"{path} holds no saved processor: {TOKENIZER_DIR}/ not found in it")
+        if (path / PROCESSOR_FILE).is_file():
+            file, data = path / PROCESSOR_FILE, read_mapping(path / PROCESSOR_FILE)
+        elif (path / MODEL_CONFIG_FILE).is_file():
+            file, data = path / MODEL_CONFIG_FILE, read_mapping(path / MODEL_CONFIG_FILE)
+            data = {k: v for k, v in data.items() if k != "llm"}
+        else:
+            raise FileNotFoundError(
+                f"{path} holds no saved processor: no {PROCESSOR_FILE} or {MODEL_CONFIG_FILE}"
+            )
+        try:
+            config = from_dict(ProcessorConfig, data)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from e
+        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls.from_config(config, tokenizer)
+
+    def with_handlers(self, handlers: dict[str, MediaHandler]) -> MultimodalProcessor:
+        """A copy whose given modalities use other handlers (e.g. reading cached features)."""
+        processor = MultimodalProcessor(
+            self.tokenizer,
+            {**self.handlers, **handlers},
+            template=self.template,
+            system_prompt=self.system_prompt,
+            max_length=self.max_length,
+        )
+        processor.config = self.config
+        return processor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Plugin classes live in modules that a spawned worker has not imported: import their files there
+        # before the rest of the state is unpickled.
+        return _restore, (imported_plugins(), pickle.dumps(self.__dict__))
 
     # ---- rendering -------------------------------------------------------------------------------------
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mm_llama.config import from_dict
-from mm_llama.model import CONFIG_FILE, ENCODERS_DIR, PROJECTORS_FILE
+from mm_llama.model_io import CONFIG_FILE, ENCODERS_DIR, PROJECTORS_FILE
 from mm_llama.train.cli import add_train_args, run_train
 from mm_llama.train.config import TrainConfig, load_train_config
 

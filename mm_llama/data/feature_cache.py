@@ -112,13 +112,15 @@ class CachedFeatures:
     """A processor media handler that reads features instead of preprocessing: path -> ((N, D_enc), M)."""
 
     def __init__(self, cache: FeatureCache, identity: str, projector: Projector) -> None:
-        self.cache, self.identity, self.projector = cache, identity, projector
+        self.cache, self.identity = cache, identity
+        self.count = (type(projector), projector.options)  # the token count; no weights carried
 
     def __call__(self, item: Any) -> tuple[torch.Tensor, int]:
         if not isinstance(item, (str, Path)):
             raise TypeError(f"the feature cache is keyed by media paths, got a {type(item).__name__}")
         features = self.cache.get(self.identity, item)  # (N, D_enc)
-        return features, self.projector.num_tokens(int(features.shape[0]))
+        projector, options = self.count
+        return features, projector.count_tokens(options, int(features.shape[0]))
 
 
 def frozen_modalities(model: MultimodalLM) -> list[str]:
@@ -232,14 +234,6 @@ def cached_processor(
 ) -> MultimodalProcessor:
     """A copy of ``model.processor`` whose ``modalities`` read features from ``cache`` (by media path)
     instead of preprocessing media; its examples carry (N, D_enc) features for those modalities."""
-    base = model.processor
-    handlers = dict(base.handlers)
-    for m in modalities:
-        handlers[m] = CachedFeatures(cache, encoder_identity(model, m), model.projectors[m])
-    return MultimodalProcessor(
-        base.tokenizer,
-        handlers,
-        template=base.template,
-        system_prompt=base.system_prompt,
-        max_length=base.max_length,
+    return model.processor.with_handlers(
+        {m: CachedFeatures(cache, encoder_identity(model, m), model.projectors[m]) for m in modalities}
     )

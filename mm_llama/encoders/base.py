@@ -70,7 +70,9 @@ class ModalityEncoder(nn.Module, ABC):
     def __init__(self, options: Any) -> None:
         super().__init__()
         self.options = options
-        self.preprocessor = self.Preprocessor(options)
+        self.preprocessor = (
+            self.Preprocessor(options) if getattr(self, "Preprocessor", None) else _TransitionShim(self)
+        )
 
     @property
     @abstractmethod
@@ -171,9 +173,24 @@ def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEn
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
+class _TransitionShim:
+    """TEMPORARY (removed when every encoder has its Preprocessor): the encoder's own methods."""
+
+    def __init__(self, encoder: ModalityEncoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        return type(self.encoder).preprocess(self.encoder, item)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return type(self.encoder).num_tokens(self.encoder, x)
+
+
 def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
     """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
     cls = ENCODERS.get(cfg.type)
+    if not getattr(cls, "Preprocessor", None):
+        return _TransitionShim(build_encoder(modality, cfg))
     options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
     return cls.Preprocessor(options)
 

@@ -9,9 +9,8 @@ terms let each of the K tokens take its own word).
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,10 +10,9 @@ pooled (never upsampled), so M is an upper bound. The MLP is LLaVA-1.5's Linear 
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn

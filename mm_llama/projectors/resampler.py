@@ -10,9 +10,8 @@ which a final layer norm and a linear map take to the LLM width:
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn

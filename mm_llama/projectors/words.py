@@ -20,10 +20,9 @@ often the caption holds the word, so an empty cell's tokens learn the null entry
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn

@@ -19,7 +19,8 @@ from peft import PeftModel
 
 from mm_llama.config import ModelConfig
 from mm_llama.data.dataset import CONVERSATIONS_KEY, ConversationDataset
-from mm_llama.model import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE, MultimodalLM
+from mm_llama.model import MultimodalLM
+from mm_llama.model_io import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE
 from mm_llama.processor import normalize_messages
 from mm_llama.projectors.words import WordMixProjector
 from mm_llama.train.config import StageConfig, TrainConfig

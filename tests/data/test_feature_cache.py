@@ -19,7 +19,8 @@ from mm_llama.data.feature_cache import (
     cached_processor,
     encoder_identity,
 )
-from mm_llama.model import PROJECTORS_FILE, MultimodalLM
+from mm_llama.model import MultimodalLM
+from mm_llama.model_io import PROJECTORS_FILE
 from mm_llama.train import train
 from tests.train.conftest import (
     NUM_RECORDS,

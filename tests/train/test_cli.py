@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mm_llama.config import save_config
 from mm_llama.data.feature_cache import INDEX_FILE
-from mm_llama.model import PROJECTORS_FILE
+from mm_llama.model_io import PROJECTORS_FILE
 from mm_llama.train.cli import add_cache_args, add_train_args, run_cache_features, run_train
 from mm_llama.train.loop import RUN_CONFIG_FILE
 from tests.train.conftest import NUM_RECORDS, align_stage, tiny_train_config

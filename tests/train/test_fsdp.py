@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from mm_llama.config import save_config
-from mm_llama.model import ADAPTER_DIR, LLM_DIR, PROJECTORS_FILE
+from mm_llama.model_io import ADAPTER_DIR, LLM_DIR, PROJECTORS_FILE
 from mm_llama.train import train
 from mm_llama.train.checkpoint import STATE_FILE, TRAINABLE_FILE, list_checkpoints
 from mm_llama.train.config import LoraSettings

@@ -1,0 +1,140 @@
+"""Generation for :class:`~mm_llama.model.MultimodalLM`: prompts (strings or conversations) with media
+-> answers, batched with left padding, greedy or sampled, or streamed piece by piece.
+
+The processor renders and tokenizes each prompt with a generation prompt; the model's ``embed`` scatters
+the projected media into the placeholder slots; transformers' ``generate`` decodes from those input
+embeddings with a KV cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import TextIteratorStreamer
+
+from mm_llama.modality import media_kwarg
+
+Prompt = str | Sequence[dict[str, str]]
+"""A user message, or a conversation (role/content turns, the last one the user's) to continue."""
+
+
+class GenerationMixin:
+    """``generate`` and its helpers; mixed into ``MultimodalLM`` (uses its ``processor``, ``llm``,
+    ``tokenizer``, ``embed`` and ``device``)."""
+
+    def _media_kwargs(self, images, audios, videos, imus, media) -> dict[str, Any]:
+        merged = dict(media or {})
+        for name, value in (("image", images), ("audio", audios), ("video", videos), ("imu", imus)):
+            if value is None:
+                continue
+            if name in merged:
+                raise ValueError(f"{name} inputs given twice: as {media_kwarg(name)}= and in media=")
+            merged[name] = value
+        return merged
+
+    def prepare(self, prompts: Sequence[Prompt], media: dict[str, Sequence[Sequence[Any]]]) -> dict[str, Any]:
+        """Tokenize prompts (strings or conversations) for generation, left-padded; ``media[m][i]`` holds
+        prompt i's items."""
+        examples = []
+        for i, prompt in enumerate(prompts):
+            per_prompt = {}
+            for name, per_batch in media.items():
+                if len(per_batch) != len(prompts):
+                    raise ValueError(
+                        f"{media_kwarg(name)}= must hold one list per prompt: {len(prompts)} prompts, "
+                        f"{len(per_batch)} entries"
+                    )
+                per_prompt[name] = per_batch[i]
+            examples.append(
+                self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
+            )
+        return self.processor.collate(examples, padding_side="left")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        images: Sequence[Any] | None = None,
+        audios: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        imus: Sequence[Any] | None = None,
+        media: dict[str, Sequence[Any]] | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stream: bool = False,
+        **generate_kwargs: Any,
+    ) -> str | list[str] | Iterator[str]:
+        """Answer prompts that contain media markers.
+
+        A prompt is a user message (a string) or a whole conversation so far: a list of ``{"role",
+        "content"}`` (or LLaVA ``{"from", "value"}``) turns ending with the user's, so a follow-up question
+        sees the earlier turns and their media. One prompt: each media argument is the flat list of items
+        for its markers, in order of appearance; returns a string, or with ``stream=True`` an iterator of
+        text pieces. Several prompts (a list of them): each media argument holds one list per prompt;
+        returns a list of strings (batched, left-padded).
+        Plugin modalities go in ``media={"depth": [...]}``. Greedy by default; ``do_sample=True`` samples
+        with ``temperature`` / ``top_p``. Other keyword arguments go to transformers' ``generate``.
+        """
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))
+        merged = self._media_kwargs(images, audios, videos, imus, media)
+        if single:
+            prompt_list = [prompts]
+            merged = {name: [list(items)] for name, items in merged.items()}
+        else:
+            prompt_list = list(prompts)
+            if stream:
+                raise ValueError("stream=True works with a single prompt; pass a string")
+        batch = self.prepare(prompt_list, merged)
+        embeds = self.embed(batch["input_ids"].to(self.device), batch["media"])
+        eos = self._eos_ids()
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "attention_mask": batch["attention_mask"].to(self.device),
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": eos,
+        }
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(generate_kwargs)
+        if stream:
+            return self._stream(kwargs)
+        out = self.llm.generate(**kwargs)  # (B, new tokens): inputs_embeds-only calls return new tokens
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return texts[0] if single else texts
+
+    def _stream(self, kwargs: dict[str, Any]) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.llm.generate(**kwargs, streamer=streamer)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.llm.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+        return sorted(i for i in ids if i is not None)
