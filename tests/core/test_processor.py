@@ -1,0 +1,181 @@
+"""The standalone processor: built from a config without the LLM, saved and loaded by itself, pickled
+into spawned DataLoader workers (plugin modalities included)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import mm_llama.llm
+from mm_llama.config import EncoderConfig, ModalityConfig, ProjectorConfig
+from mm_llama.data.dataset import Collator, ConversationDataset
+from mm_llama.model import MultimodalLM
+from mm_llama.plugins import import_plugins
+from mm_llama.processor import PROCESSOR_FILE, MultimodalProcessor, ProcessorConfig
+from tests.conftest import tiny_config
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "new_modality.py"
+PROMPT = [
+    {"role": "user", "content": "<image>\nWhat colour?"},
+    {"role": "assistant", "content": "red"},
+]
+
+
+@pytest.fixture
+def no_llm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading or building an LLM fails: what passes under this fixture never needed one."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the processor loaded an LLM")
+
+    monkeypatch.setattr(mm_llama.llm, "load_llm", refuse)
+    monkeypatch.setattr("mm_llama.model.load_llm", refuse)
+
+
+def same_example(a, b) -> None:
+    assert a.input_ids == b.input_ids and a.labels == b.labels
+    assert a.media.keys() == b.media.keys()
+    for name in a.media:
+        assert all(torch.equal(x, y) for x, y in zip(a.media[name], b.media[name], strict=True))
+
+
+def test_processor_from_config_needs_no_llm_and_matches_the_model(no_llm: None, rgb_image) -> None:
+    processor = MultimodalProcessor.from_config(tiny_config())
+    example = processor(PROMPT, {"image": [rgb_image]})
+    # the tiny CLIP tower: 32 px / 8 px patches = 16 patch tokens (CLS dropped), mlp2x_gelu keeps 16
+    assert example.input_ids.count(processor.placeholder_ids["image"]) == 16
+    assert example.media["image"][0].shape == (3, 32, 32)
+    supervised = [t for t in example.labels if t != -100]
+    assert processor.tokenizer.decode(supervised).startswith("red")
+
+
+def test_model_processor_is_the_standalone_one(tiny_model: MultimodalLM, rgb_image) -> None:
+    standalone = MultimodalProcessor.from_config(tiny_model.config, tiny_model.tokenizer)
+    same_example(
+        standalone(PROMPT, {"image": [rgb_image]}), tiny_model.processor(PROMPT, {"image": [rgb_image]})
+    )
+
+
+def test_round_trip_without_the_llm(tmp_path: Path, rgb_image, no_llm: None) -> None:
+    processor = MultimodalProcessor.from_config(tiny_config(max_length=300, template="plain"))
+    processor.save_pretrained(tmp_path / "proc")
+    assert (tmp_path / "proc" / PROCESSOR_FILE).is_file()
+    loaded = MultimodalProcessor.from_pretrained(tmp_path / "proc")
+    assert (loaded.template, loaded.max_length, loaded.system_prompt) == ("plain", 300, "Be brief.")
+    assert loaded.placeholder_ids == processor.placeholder_ids
+    same_example(loaded(PROMPT, {"image": [rgb_image]}), processor(PROMPT, {"image": [rgb_image]}))
+
+
+def test_loads_from_a_model_checkpoint_without_the_llm(
+    tiny_model: MultimodalLM, tmp_path: Path, rgb_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(mm_llama.llm, "load_llm", lambda *a, **k: pytest.fail("loaded an LLM"))
+    loaded = MultimodalProcessor.from_pretrained(tmp_path / "ckpt")
+    same_example(loaded(PROMPT, {"image": [rgb_image]}), tiny_model.processor(PROMPT, {"image": [rgb_image]}))
+    (tmp_path / "ckpt" / PROCESSOR_FILE).unlink()  # a checkpoint of before processor.yaml: mm_llama.yaml
+    same_example(
+        MultimodalProcessor.from_pretrained(tmp_path / "ckpt")(PROMPT, {"image": [rgb_image]}),
+        tiny_model.processor(PROMPT, {"image": [rgb_image]}),
+    )
+
+
+def test_bad_folders_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tokenizer/ not found"):
+        MultimodalProcessor.from_pretrained(tmp_path)
+    processor = MultimodalProcessor.from_config(tiny_config())
+    processor.save_pretrained(tmp_path)
+    (tmp_path / PROCESSOR_FILE).write_text("template: chat\nmax_lenght: 5\n")
+    with pytest.raises(ValueError, match=r"processor\.yaml.*max_lenght"):
+        MultimodalProcessor.from_pretrained(tmp_path)
+
+
+def test_pickles(rgb_image) -> None:
+    processor = MultimodalProcessor.from_config(tiny_config())
+    copy = pickle.loads(pickle.dumps(processor))
+    same_example(copy(PROMPT, {"image": [rgb_image]}), processor(PROMPT, {"image": [rgb_image]}))
+
+
+def write_records(root: Path, n: int = 8) -> Path:
+    (root / "img").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        value = 30 * i
+        Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        records.append(
+            {
+                "id": str(i),
+                "image": f"img/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nHow bright?"},
+                    {"from": "gpt", "value": "dark" if value < 120 else "bright"},
+                ],
+            }
+        )
+    (root / "data.json").write_text(json.dumps(records))
+    return root / "data.json"
+
+
+def test_spawned_dataloader_workers_train(tmp_path: Path) -> None:
+    """num_workers=2 with the spawn start method (macOS's default, Linux's from Python 3.14): the
+    dataset and collator carry the standalone processor, not the model; the batches equal in-process
+    ones and a few optimizer steps lower the loss."""
+    torch.manual_seed(0)
+    model = MultimodalLM(tiny_config())
+    processor = MultimodalProcessor.from_config(model.config, model.tokenizer)
+    dataset = ConversationDataset(write_records(tmp_path), processor)
+    collate = Collator(processor)
+    spawned = DataLoader(
+        dataset, batch_size=4, collate_fn=collate, num_workers=2, multiprocessing_context="spawn"
+    )
+    in_process = DataLoader(dataset, batch_size=4, collate_fn=collate)
+    batches = list(spawned)
+    for a, b in zip(batches, in_process, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert all(torch.equal(x, y) for x, y in zip(a["media"]["image"], b["media"]["image"], strict=True))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        for batch in spawned:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(out.loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def _count_depth_tokens(args: tuple[bytes, np.ndarray]) -> tuple[int, tuple[int, ...]]:
+    processor = pickle.loads(args[0])
+    example = processor("<depth>\nNear or far?", {"depth": [args[1]]})
+    return example.input_ids.count(processor.placeholder_ids["depth"]), tuple(example.media["depth"][0].shape)
+
+
+def test_plugin_modality_processor_unpickles_in_a_spawned_process() -> None:
+    """A spawned process has not imported the plugin file: unpickling the processor imports it first."""
+    import_plugins([EXAMPLE_PLUGIN])
+    config = ProcessorConfig(
+        modalities={
+            "depth": ModalityConfig(
+                encoder=EncoderConfig(type="depth_cnn", options={"size": 16, "width": 8, "grid": 2}),
+                projector=ProjectorConfig(type="mlp2x_gelu"),
+            )
+        }
+    )
+    processor = MultimodalProcessor.from_config(
+        config, MultimodalProcessor.from_config(tiny_config()).tokenizer
+    )
+    depth = np.full((20, 20), 2.0, dtype=np.float32)
+    expected = _count_depth_tokens((pickle.dumps(processor), depth))
+    assert expected == (4, (1, 16, 16))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.map(_count_depth_tokens, [(pickle.dumps(processor), depth)]) == [expected]
