@@ -40,7 +40,12 @@ class LLMConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
     trust_remote_code: bool = False
-    """Only for hub repositories whose code you trust."""
+    """Only for hub repositories whose code you trust. Never taken from a saved checkpoint's config:
+    ``MultimodalLM.from_pretrained(..., trust_remote_code=True)`` must say it."""
+    adapter: str | None = None
+    """A PEFT (LoRA) adapter folder applied on top of the LLM when the model loads, relative to the
+    checkpoint folder; ``save_pretrained`` sets it (``adapter``) when the LLM carries one, and loading
+    then fails if the folder is missing."""
 
 
 @dataclass
@@ -54,6 +59,10 @@ class EncoderConfig:
     freeze: bool | None = None
     """Freeze the encoder. ``None``: frozen when it loads pretrained weights, trainable when built from
     scratch (random weights), so that a from-scratch encoder can learn in stage 1."""
+    owned: bool = False
+    """Set by ``save_pretrained``: the checkpoint stores this encoder's weights in
+    ``encoders/<modality>.safetensors`` because they are the model's own (built from scratch, or
+    trained at some point, even if frozen now); loading then requires that file."""
 
 
 @dataclass

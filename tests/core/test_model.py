@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mm_llama import MultimodalLM
+from mm_llama.errors import MMInputError
 from mm_llama.processor import IGNORE_INDEX
 from tests.conftest import tiny_config
 
@@ -219,7 +220,7 @@ def test_save_load_round_trip_identical_logits(
     with torch.no_grad():
         after = loaded(**batch, return_logits=True).logits
     assert torch.equal(before, after)
-    with pytest.raises(FileNotFoundError, match="not an mm_llama checkpoint"):
+    with pytest.raises(MMInputError, match="not an mm_llama checkpoint"):
         MultimodalLM.from_pretrained(tmp_path)
 
 

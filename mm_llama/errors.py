@@ -1,0 +1,12 @@
+"""The one error family for what a user gave: files, fields, prompts, checkpoint folders.
+
+``MMInputError`` is a ``ValueError`` whose message names the input, what was expected and what was
+found. ``mm-llama`` subcommands turn it into exit code 2 and one line on stderr; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MMInputError(ValueError):
+    """Bad user input: the message names the file / field / prompt, what was expected and what was found."""
