@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from mm_llama.config import LLMConfig
+from mm_llama.hub import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ def resolve_name(name_or_path: str) -> str:
 
 def load_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
     """The LLM's tokenizer, with a pad token (EOS when the tokenizer has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_name(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
+    tokenizer = load_pretrained(
+        resolve_name(cfg.name_or_path),
+        "llm.name_or_path (tokenizer)",
+        AutoTokenizer.from_pretrained,
+        trust_remote_code=cfg.trust_remote_code,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -155,13 +159,10 @@ def load_llm(cfg: LLMConfig, vocab_size: int | None = None) -> PreTrainedModel:
         return AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=cfg.attn_implementation
         )
-    source = resolve_name(cfg.name_or_path)
-    if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        logger.warning(
-            "%s is not a local folder and HF_HUB_OFFLINE=1: loading from the hub cache only", source
-        )
-    return AutoModelForCausalLM.from_pretrained(
-        source,
+    return load_pretrained(
+        resolve_name(cfg.name_or_path),
+        "llm.name_or_path",
+        AutoModelForCausalLM.from_pretrained,
         dtype=dtype,
         quantization_config=quantization_config(cfg),
         attn_implementation=cfg.attn_implementation,
