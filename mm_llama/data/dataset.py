@@ -28,6 +28,7 @@ import datasets
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from mm_llama.errors import MMInputError
 from mm_llama.modality import modalities
 from mm_llama.processor import Example, MultimodalProcessor
 
@@ -75,6 +76,19 @@ def media_paths(value: Any, where: str, key: str) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
         raise ValueError(f"{where}: {key!r} must be a path or a list of paths, got {value!r}")
     return list(items)
+
+
+def inside_root(root: Path, path: str, where: str, key: str) -> Path:
+    """``root / path`` resolved (symlinks followed), refused unless it lies inside ``root``: a record's
+    media path cannot reach ``../`` or absolute paths elsewhere, or follow a link out of the data root."""
+    base = root.resolve()
+    resolved = (base / path).resolve()
+    if not resolved.is_relative_to(base):
+        raise MMInputError(
+            f"{where}: {key} path {path!r} resolves to {resolved}, outside the data root {base}; media "
+            "paths must stay inside it (set data_root to a folder that holds them)"
+        )
+    return resolved
 
 
 class ConversationDataset(Dataset[Example]):
@@ -162,7 +176,7 @@ class ConversationDataset(Dataset[Example]):
         for key in self._media_keys[f]:
             paths = media_paths(rec[key], where, key)
             if paths:
-                out[key] = [str((self._roots[f] / p).resolve()) for p in paths]
+                out[key] = [str(inside_root(self._roots[f], p, where, key)) for p in paths]
         return out
 
     def check_media(self) -> None:
@@ -175,10 +189,11 @@ class ConversationDataset(Dataset[Example]):
             columns = {k: list(table[k]) for k in keys}
             for row in range(len(table)):
                 for key in keys:
-                    for p in media_paths(columns[key][row], f"{self.files[f]}:{ids[row]}", key):
-                        path = self._roots[f] / p
+                    rid = ids[row] if ids[row] is not None else f"#{row}"
+                    where = f"{self.files[f]}: record {rid!r}"
+                    for p in media_paths(columns[key][row], where, key):
+                        path = inside_root(self._roots[f], p, where, key)
                         if not path.is_file():
-                            rid = ids[row] if ids[row] is not None else f"#{row}"
                             raise FileNotFoundError(
                                 f"{self.files[f]}: record {rid!r}: {key} file not found: {path} "
                                 f"(media paths are relative to the data root {self._roots[f]})"

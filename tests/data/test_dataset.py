@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
+from mm_llama.errors import MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.processor import IGNORE_INDEX
 from tests.train.conftest import (
@@ -210,3 +211,18 @@ def test_length_grouping_reduces_padding() -> None:
         return sum(max(LENGTHS[i] for i in b) * len(b) - sum(LENGTHS[i] for i in b) for b in batches)
 
     assert padding(True) < padding(False) / 4
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "ABSOLUTE", "img/link.png"])
+def test_media_paths_cannot_leave_the_data_root(tmp_path: Path, model: MultimodalLM, escape: str) -> None:
+    root = tmp_path / "root"
+    write_image(root / "img" / "a.png", 60)
+    write_image(tmp_path / "outside.png", 90)
+    (root / "img" / "link.png").symlink_to(tmp_path / "outside.png")
+    path = str(tmp_path / "outside.png") if escape == "ABSOLUTE" else escape
+    rows = [{**records()[0], "image": path}]
+    with pytest.raises(MMInputError, match="outside the data root"):
+        ConversationDataset(write(root / "data.json", rows), model.processor)
+    dataset = ConversationDataset(write(root / "data.json", rows), model.processor, check_media=False)
+    with pytest.raises(MMInputError, match=r"data\.json:one.*outside the data root"):
+        dataset[0]
