@@ -5,11 +5,14 @@ same features every epoch; caching them removes media decoding and the encoder's
 the training loop. Layout of a cache folder::
 
     index.json                                  {"version", "encoders": {identity: {...}},
-                                                 "entries": {identity: {media path: [shard, key]}}}
+                                                 "entries": {identity: {media path:
+                                                             [shard, key, size, mtime_ns]}}}
     <modality>-<identity>-00000.safetensors     (N, D_enc) tensors keyed "0", "1", ...
 
 Entries are keyed by the media file's absolute path and by the encoder's identity: a hash of its
-class, options and weights, so a different checkpoint or setting never reads stale features. Caching
+class, options and weights, so a different checkpoint or setting never reads stale features. Each
+entry also records the file's size and modification time: a media file rewritten in place is encoded
+again, never read from the cache. Caching
 is incremental (only missing entries are computed) and the index is rewritten atomically after each
 shard, so an interrupted run keeps what it finished.
 """
@@ -39,11 +42,17 @@ from mm_llama.projectors.base import Projector
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 SHARD_BYTES = 1 << 30
 """Start a new shard once the current one holds this many bytes of features."""
 DEFAULT_BATCH_SIZE = 32
 IDENTITY_CHARS = 16
+
+
+def file_stamp(path: str) -> list[int]:
+    """[size in bytes, modification time in ns] of a media file: what tells a rewritten file."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def encoder_identity(model: MultimodalLM, modality: str) -> str:
@@ -71,7 +80,10 @@ class FeatureCache:
         index_path = self.directory / INDEX_FILE
         if index_path.is_file():
             self.index = json.loads(index_path.read_text())
-            if self.index.get("version") != INDEX_VERSION:
+            if self.index.get("version") == 1:  # entries without file stamps: computed again
+                logger.warning("%s: a version-1 feature cache; its features are computed again", index_path)
+                self.index = {"version": INDEX_VERSION, "encoders": {}, "entries": {}}
+            elif self.index.get("version") != INDEX_VERSION:
                 raise ValueError(
                     f"{index_path}: feature cache version {self.index.get('version')!r}, expected "
                     f"{INDEX_VERSION}; delete the folder to rebuild it"
@@ -83,6 +95,11 @@ class FeatureCache:
     def entries(self, identity: str) -> dict[str, list[str]]:
         return self.index["entries"].get(identity, {})
 
+    def is_fresh(self, identity: str, path: str) -> bool:
+        """Whether ``path`` (absolute) has features cached for this encoder, from its current contents."""
+        entry = self.entries(identity).get(path)
+        return entry is not None and entry[2:] == file_stamp(path)
+
     def get(self, identity: str, path: str | Path) -> torch.Tensor:
         """The (N, D_enc) features of one media file."""
         key = str(Path(path).resolve())
@@ -92,7 +109,12 @@ class FeatureCache:
                 f"feature cache {self.directory}: no features for {key} from encoder {identity}; "
                 "run `mm-llama cache-features` for this data (or delete the cache to rebuild it)"
             )
-        shard, name = entry
+        if entry[2:] != file_stamp(key):
+            raise KeyError(
+                f"feature cache {self.directory}: {key} changed since its features were cached; run "
+                "`mm-llama cache-features` for this data again (training does so before each stage)"
+            )
+        shard, name = entry[:2]
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
         return self._handles[shard].get_tensor(name)
@@ -175,11 +197,11 @@ def _cache_modality(
 ) -> None:
     encoder = model.encoders[modality]
     identity = encoder_identity(model, modality)
-    done = cache.entries(identity)
-    todo = [p for p in paths if p not in done]
+    todo = [p for p in paths if not cache.is_fresh(identity, p)]
     logger.info(
-        "feature cache %s: %s: %d cached, %d to compute", cache.directory, modality, len(done), len(todo)
-    )
+        "feature cache %s: %s: %d cached, %d to compute",
+        cache.directory, modality, len(paths) - len(todo), len(todo),
+    )  # fmt: skip
     if not todo:
         return
     out_dtype = DTYPES[dtype] if dtype is not None else None
@@ -201,7 +223,7 @@ def _cache_modality(
         nonlocal shard_no, pending, pending_paths, pending_bytes
         shard = f"{prefix}{shard_no:05d}.safetensors"
         save_file(pending, str(cache.directory / shard))
-        entries.update({p: [shard, str(k)] for k, p in enumerate(pending_paths)})
+        entries.update({p: [shard, str(k), *file_stamp(p)] for k, p in enumerate(pending_paths)})
         cache.write_index()
         shard_no, pending, pending_paths, pending_bytes = shard_no + 1, {}, [], 0
 

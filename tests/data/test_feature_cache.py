@@ -93,6 +93,25 @@ def test_cache_is_incremental_and_keyed_by_encoder_weights(
         ConversationDataset(files, stale)[0]
 
 
+def test_a_media_file_rewritten_in_place_is_encoded_again(
+    tmp_path: Path, colour_world: dict[str, Path], frozen_model: MultimodalLM
+) -> None:
+    from PIL import Image
+
+    files = [colour_world["align"]]
+    cache_features(frozen_model, files, tmp_path / "cache")
+    image = colour_world["align"].parent / "images" / "0.png"
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(image)  # same path, new contents
+    stale = cached_processor(frozen_model, FeatureCache(tmp_path / "cache"), ["image"])
+    with pytest.raises(KeyError, match="changed since its features were cached"):
+        ConversationDataset(files, stale)[0]
+    cache = cache_features(frozen_model, files, tmp_path / "cache")  # what every stage runs first
+    fresh = cache.get(encoder_identity(frozen_model, "image"), image)
+    with torch.no_grad():
+        direct = frozen_model.encoders["image"].eval()(frozen_model.encoders["image"].preprocess(image)[None])
+    torch.testing.assert_close(fresh, direct[0], atol=LOSS_TOLERANCE, rtol=0)
+
+
 def test_trainable_encoders_are_not_cached(tmp_path: Path, colour_world: dict[str, Path]) -> None:
     torch.manual_seed(0)
     model = MultimodalLM(tiny_model_config())  # built from scratch: trainable
