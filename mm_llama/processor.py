@@ -36,6 +36,7 @@ from mm_llama.config import (
     save_config,
 )
 from mm_llama.encoders.base import MediaPreprocessor, build_preprocessor
+from mm_llama.errors import MMInputError
 from mm_llama.modality import check_modality, marker
 from mm_llama.plugins import import_plugins, imported_plugins
 from mm_llama.projectors.base import PROJECTORS
@@ -108,6 +109,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     media: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    dropped_turns: int = 0
+    """Whole turns (a user message and its replies) left out to fit ``max_length``: the oldest ones of a
+    prompt to answer, the last ones of a training conversation."""
 
 
 def normalize_messages(
@@ -288,6 +292,11 @@ class MultimodalProcessor:
 
         ``media`` maps a modality to the raw items its markers refer to, in order of appearance.
         Raises ``ValueError`` when the number of markers and of items differ.
+
+        Longer than ``max_length``: whole turns (a user message with its replies, and their media) are
+        left out, never part of one: the oldest of a prompt to answer (``add_generation_prompt``), the
+        last of a training conversation; ``Example.dropped_turns`` says how many. When even one turn does
+        not fit, a prompt raises ``MMInputError``; a training reply is cut at its end (its media kept).
         """
         if isinstance(conversation, str):
             messages = [{"role": "user", "content": conversation}]
@@ -319,6 +328,54 @@ class MultimodalProcessor:
                 tensors.setdefault(name, []).append(tensor)
                 counts.setdefault(name, []).append(n)
 
+        # each message's items, per modality, in marker order
+        per_message: list[dict[str, list[int]]] = []
+        seen = {name: 0 for name in self.handlers}
+        for m in messages:
+            own = {}
+            for name in self.handlers:
+                n = m["content"].count(marker(name))
+                own[name] = list(range(seen[name], seen[name] + n))
+                seen[name] += n
+            per_message.append(own)
+        head = 0  # leading system messages are always kept
+        while head < len(messages) and messages[head]["role"] == "system":
+            head += 1
+        starts = [i for i in range(head, len(messages)) if i == head or messages[i]["role"] == "user"]
+        turns = [list(range(a, b)) for a, b in zip(starts, [*starts[1:], len(messages)])]
+        for dropped in range(max(len(turns), 1)):
+            # generation keeps the newest turns (the question being asked); training keeps the first
+            # ones (where the media usually are)
+            kept_turns = turns[dropped:] if add_generation_prompt else turns[: len(turns) - dropped]
+            kept = list(range(head)) + [i for turn in kept_turns for i in turn]
+            items = {name: [j for i in kept for j in per_message[i][name]] for name in self.handlers}
+            input_ids, labels = self._encode(
+                [messages[i] for i in kept], {n: [counts[n][j] for j in items[n]] for n in items},
+                add_generation_prompt,
+            )  # fmt: skip
+            if len(input_ids) <= self.max_length or len(kept_turns) <= 1:
+                break
+        if len(input_ids) > self.max_length:
+            cut = input_ids[: self.max_length]
+            total = sum(input_ids.count(pid) for pid in self.placeholder_ids.values())
+            if add_generation_prompt or sum(cut.count(pid) for pid in self.placeholder_ids.values()) != total:
+                what = "the newest turn" if add_generation_prompt else "the first turn, with its media,"
+                raise MMInputError(
+                    f"{where}: {len(input_ids)} tokens exceed max_length={self.max_length} even with "
+                    f"{what} alone; raise max_length or shorten it"
+                )
+            input_ids, labels = cut, labels[: self.max_length]  # a training reply cut at its end
+        return Example(
+            input_ids=input_ids,
+            labels=labels,
+            media={n: [tensors[n][j] for j in items[n]] for n in items if items[n]},
+            dropped_turns=dropped,
+        )
+
+    def _encode(
+        self, messages: list[dict[str, str]], counts: dict[str, list[int]], add_generation_prompt: bool
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation; ``counts[m]`` are its items' placeholder counts."""
         input_ids: list[int] = []
         labels: list[int] = []
         seen = {name: 0 for name in self.handlers}
@@ -337,17 +394,7 @@ class MultimodalProcessor:
                     ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
                     input_ids += ids
                     labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-        if len(input_ids) > self.max_length:
-            cut_ids = input_ids[: self.max_length]
-            kept = sum(cut_ids.count(pid) for pid in self.placeholder_ids.values())
-            total = sum(input_ids.count(pid) for pid in self.placeholder_ids.values())
-            if kept != total:
-                raise ValueError(
-                    f"{where}: {len(input_ids)} tokens exceed max_length={self.max_length} and truncation "
-                    "would cut media placeholders; raise max_length or shorten the sample"
-                )
-            input_ids, labels = cut_ids, labels[: self.max_length]
-        return Example(input_ids=input_ids, labels=labels, media=tensors)
+        return input_ids, labels
 
     # ---- batching --------------------------------------------------------------------------------------
     def collate(

@@ -179,3 +179,59 @@ def test_plugin_modality_processor_unpickles_in_a_spawned_process() -> None:
     assert expected == (4, (1, 16, 16))
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         assert pool.map(_count_depth_tokens, [(pickle.dumps(processor), depth)]) == [expected]
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    """``turns`` exchanges, each with one image: a question of ~25 words and a short reply."""
+    out = []
+    for i in range(turns):
+        out.append({"role": "user", "content": f"<image>\nQuestion {i}: " + "words " * 25})
+        out.append({"role": "assistant", "content": f"reply {i}"})
+    return out
+
+
+def test_long_prompts_drop_their_oldest_whole_turns(rgb_image) -> None:
+    processor = MultimodalProcessor.from_config(tiny_config(max_length=160, system_prompt="Be brief."))
+    images = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(4)]
+    prompt = conversation(4)[:-1]  # the 4th question is being asked
+    example = processor(prompt, {"image": images}, add_generation_prompt=True)
+    assert example.dropped_turns > 0 and len(example.input_ids) <= 160
+    text = processor.tokenizer.decode(example.input_ids)
+    assert "Question 3" in text and "Be brief." in text  # the newest question and the system prompt
+    assert "Question 0" not in text
+    kept = 4 - example.dropped_turns
+    assert example.input_ids.count(processor.placeholder_ids["image"]) == 16 * kept  # whole media blocks
+    # the images that remain are those of the kept turns, the newest ones
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            example.media["image"], [processor.handlers["image"](x)[0] for x in images[-kept:]], strict=True
+        )
+    )
+    assert processor(prompt[-1:], {"image": images[-1:]}, add_generation_prompt=True).dropped_turns == 0
+
+
+def test_long_training_conversations_drop_their_last_turns() -> None:
+    processor = MultimodalProcessor.from_config(tiny_config(max_length=160))
+    images = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(4)]
+    example = processor(conversation(4), {"image": images})
+    assert example.dropped_turns > 0 and len(example.input_ids) <= 160
+    text = processor.tokenizer.decode(example.input_ids)
+    assert "Question 0" in text and "Question 3" not in text
+    supervised = processor.tokenizer.decode([t for t in example.labels if t != -100])
+    assert "reply 0" in supervised and "reply 3" not in supervised
+
+
+def test_a_question_that_cannot_fit_is_refused_by_name(rgb_image) -> None:
+    from mm_llama.errors import MMInputError
+
+    processor = MultimodalProcessor.from_config(tiny_config(max_length=60))
+    with pytest.raises(
+        MMInputError, match=r"chat turn 2: \d+ tokens exceed max_length=60 even with the newest"
+    ):
+        processor(
+            "<image>\n" + "word " * 200,
+            {"image": [rgb_image]},
+            add_generation_prompt=True,
+            where="chat turn 2",
+        )
