@@ -70,7 +70,7 @@ class ModalityEncoder(nn.Module, ABC):
     def __init__(self, options: Any) -> None:
         super().__init__()
         self.options = options
-        self.preprocessor = self.Preprocessor(options)
+        self.preprocessor = preprocessor_class(type(self))(options)
 
     @property
     @abstractmethod
@@ -171,11 +171,22 @@ def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEn
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
+def preprocessor_class(cls: type[ModalityEncoder]) -> type[MediaPreprocessor]:
+    """``cls.Preprocessor``, or a ``TypeError`` that says what an encoder class lacks."""
+    preprocessor = getattr(cls, "Preprocessor", None)
+    if not (isinstance(preprocessor, type) and issubclass(preprocessor, MediaPreprocessor)):
+        raise TypeError(
+            f"encoder {cls.__name__} sets no Preprocessor: give it a MediaPreprocessor subclass (built from its "
+            "Options: the preprocessing and the token count), see docs/new_modality.md"
+        )
+    return preprocessor
+
+
 def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
     """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
     cls = ENCODERS.get(cfg.type)
     options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
-    return cls.Preprocessor(options)
+    return preprocessor_class(cls)(options)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:
