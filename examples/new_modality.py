@@ -45,11 +45,11 @@ from mm_llama import (
 )
 from mm_llama.config import save_config
 from mm_llama.data.dataset import ConversationDataset
-from mm_llama.encoders.base import read_bytes
+from mm_llama.encoders.base import MediaPreprocessor, read_bytes
 from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.train import StageConfig, TrainConfig, build_stage_model, train
 
-# ---- the plugin: a modality, an encoder, two registry lines ---------------------------------------------
+# ---- the plugin: a modality, a preprocessor and an encoder, two registry lines -------------------------
 MIN_DEPTH_M = 0.1
 """The encoder sees inverse depth (1/m, as depth networks such as MiDaS do): near surfaces stand out,
 and missing readings (NaN, 0 or negative) become 0, "infinitely far". Closer depths are clipped here."""
@@ -67,11 +67,35 @@ class DepthOptions:
     """The feature map is pooled to ``grid`` x ``grid`` cells, one token each."""
 
 
+class DepthPreprocessor(MediaPreprocessor):
+    """A ``.npy`` path, bytes or file object, an array or a tensor (H, W) in metres -> (1, size, size) inverse
+    depth; ``grid * grid`` tokens. Built from the options alone, so the processor (and DataLoader workers)
+    carry it without the network."""
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        name = "<depth array>"
+        if isinstance(item, (str, Path, bytes, io.IOBase)):
+            data, name = read_bytes(item, "depth map")
+            item = np.load(io.BytesIO(data), allow_pickle=False)
+        depth = torch.as_tensor(np.asarray(item), dtype=torch.float32)  # (H, W)
+        if depth.ndim != 2:
+            raise ValueError(f"depth map {name}: expected a 2-D (H, W) array, got shape {tuple(depth.shape)}")
+        depth = torch.nan_to_num(depth, nan=0.0)
+        inverse = torch.where(depth > 0, 1.0 / depth.clamp(min=MIN_DEPTH_M), 0.0)  # (H, W) in 1/m
+        size = (self.options.size, self.options.size)
+        return F.interpolate(inverse[None, None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return self.options.grid**2
+
+
 class DepthEncoder(ModalityEncoder):
-    """A depth map (H, W) in metres -> (grid * grid, width) tokens: two stride-2 convs, pooling, positions."""
+    """(B, 1, size, size) inverse depth -> (B, grid * grid, width) tokens: two stride-2 convs, pooling,
+    positions."""
 
     modality = "depth"
     Options = DepthOptions
+    Preprocessor = DepthPreprocessor
 
     def __init__(self, options: DepthOptions) -> None:
         super().__init__(options)
@@ -94,27 +118,9 @@ class DepthEncoder(ModalityEncoder):
     def is_pretrained(self) -> bool:
         return False  # random weights: trainable by default, saved with the projector
 
-    def preprocess(self, item: Any) -> torch.Tensor:
-        """A ``.npy`` path, bytes or file object, an array or a tensor (H, W) in metres -> (1, size, size)
-        inverse depth."""
-        name = "<depth array>"
-        if isinstance(item, (str, Path, bytes, io.IOBase)):
-            data, name = read_bytes(item, "depth map")
-            item = np.load(io.BytesIO(data), allow_pickle=False)
-        depth = torch.as_tensor(np.asarray(item), dtype=torch.float32)  # (H, W)
-        if depth.ndim != 2:
-            raise ValueError(f"depth map {name}: expected a 2-D (H, W) array, got shape {tuple(depth.shape)}")
-        depth = torch.nan_to_num(depth, nan=0.0)
-        inverse = torch.where(depth > 0, 1.0 / depth.clamp(min=MIN_DEPTH_M), 0.0)  # (H, W) in 1/m
-        size = (self.options.size, self.options.size)
-        return F.interpolate(inverse[None, None], size=size, mode="bilinear", align_corners=False)[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cells = self.body(x.to(self.dtype))  # (B, width, grid, grid)
         return self.norm(cells.flatten(2).transpose(1, 2) + self.position)  # (B, grid * grid, width)
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        return self.options.grid**2
 
 
 DEPTH_MARKER = register_modality("depth")  # "<depth>"

@@ -109,9 +109,12 @@ def test_the_documented_training_yaml_has_the_train_config_layout() -> None:
 
 def test_the_documented_encoder_is_the_example_encoder() -> None:
     block = re.search(
-        r"^(class DepthEncoder\(ModalityEncoder\):$.*?)^```$", DOC.read_text(), re.MULTILINE | re.DOTALL
+        r"^(class DepthPreprocessor\(MediaPreprocessor\):$.*?)^```$",
+        DOC.read_text(),
+        re.MULTILINE | re.DOTALL,
     )
-    assert block, f"no DepthEncoder code block in {DOC}"
+    assert block, f"no DepthPreprocessor and DepthEncoder code block in {DOC}"
+    assert "class DepthEncoder(ModalityEncoder):" in block.group(1)
     example_lines = {line.strip() for line in EXAMPLE.read_text().splitlines()}
     stale = [
         line for line in block.group(1).splitlines() if line.strip() and line.strip() not in example_lines

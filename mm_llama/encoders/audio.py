@@ -9,7 +9,7 @@ tensors are taken to be at the encoder's rate already; pass ``(waveform, rate)``
 Long audio policy (options ``max_seconds``, ``chunk``, ``max_chunks`` of every audio encoder): by
 default only the first ``max_seconds`` are kept (clipping). With ``chunk: true`` the audio is cut into
 consecutive ``max_seconds`` windows, at most ``max_chunks`` (anything after them is dropped), each window
-is encoded on its own and their tokens are concatenated in time order; ``preprocess`` then returns a
+is encoded on its own and their tokens are concatenated in time order; preprocessing then returns a
 ``(K, ...)`` stack of K windows instead of one window's features. A short window is padded the way the
 backbone was trained: Whisper pads the waveform with silence to its full 30 s input, CLAP repeats the
 clip and pads (``repeatpad``), the fbank encoder pads the fbank with zeros before normalizing (AST /
@@ -47,7 +47,13 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mm_llama.encoders.base import ModalityEncoder, load_weights, pre_norm_transformer, read_bytes
+from mm_llama.encoders.base import (
+    MediaPreprocessor,
+    ModalityEncoder,
+    load_weights,
+    pre_norm_transformer,
+    read_bytes,
+)
 
 SAMPLE_RATE = 16000
 """Whisper's and the fbank encoder's sample rate (Hz)."""
@@ -62,6 +68,8 @@ DEFAULT_MAX_CHUNKS = 4
 FRAME_COUNT_TOLERANCE = 0.01
 """A compressed file may decode up to 1% fewer samples than its header estimates before it counts as truncated."""
 PREPROCESSOR_FILE = "preprocessor_config.json"
+WHISPER_STRIDE = 2
+"""Mel frames per Whisper encoder token: its conv1 has stride 1, its conv2 stride 2 (fixed in the model)."""
 
 
 # ---- decoding ------------------------------------------------------------------------------------------
@@ -200,19 +208,18 @@ class ClipOptions:
     """With ``chunk``: the most windows per input; audio after them is dropped."""
 
 
-class WindowedAudioEncoder(ModalityEncoder):
-    """Shared preprocessing and chunk handling: subclasses give per-window features and encoding.
+class WindowedAudioPreprocessor(MediaPreprocessor):
+    """Shared audio preprocessing: decode to mono at ``sample_rate``, clip or chunk (the long audio policy),
+    and one window's features each: ``feature_shape`` (e.g. (80, 3000) log-mel), or (K, *feature_shape)
+    with ``chunk``. Subclasses set the rate, the window and ``tokens_per_window`` and give the features."""
 
-    ``preprocess`` -> features of one window, ``feature_shape`` (e.g. (80, 3000) log-mel), or (K, *feature_shape)
-    with ``chunk``; ``forward`` -> (B, K * tokens_per_window, D_enc).
-    """
-
-    modality = "audio"
     feature_ndim: ClassVar[int]
     """Dimensions of one window's features, without the chunk axis."""
     sample_rate: int
     clip_samples: int
     """Samples of audio kept per window (``max_seconds`` at ``sample_rate``)."""
+    tokens_per_window: int
+    """Output tokens of one window."""
 
     def _set_clip(self, window_samples: int, backbone: str) -> None:
         """Check ``max_seconds`` against the backbone's window (``window_samples``) and set ``clip_samples``."""
@@ -229,35 +236,38 @@ class WindowedAudioEncoder(ModalityEncoder):
             )
         self.clip_samples = clip
 
-    @property
-    @abstractmethod
-    def tokens_per_window(self) -> int:
-        """Output tokens of one window."""
-
     @abstractmethod
     def window_features(self, wave: torch.Tensor) -> torch.Tensor:
         """(t,) waveform, t <= clip_samples -> the backbone's input features for one window."""
 
-    @abstractmethod
-    def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(W, *feature_shape) windows -> (W, tokens_per_window, D_enc)."""
-
-    def preprocess(self, item: Any) -> torch.Tensor:
+    def __call__(self, item: Any) -> torch.Tensor:
         wave = load_audio(item, self.sample_rate)  # (T,)
         windows = split_windows(wave, self.clip_samples, self.options.chunk, self.options.max_chunks)
         features = [self.window_features(w) for w in windows]
         return torch.stack(features) if self.options.chunk else features[0]  # (K, ...) or (...)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        chunked = x.ndim == self.feature_ndim + 2
-        windows = x.flatten(0, 1) if chunked else x  # (B * K, ...)
-        tokens = self.encode_windows(windows.to(self.dtype))  # (B * K, n, D)
-        return tokens.reshape(batch, -1, tokens.shape[-1])  # (B, K * n, D)
-
     def num_tokens(self, x: torch.Tensor) -> int:
         windows = x.shape[0] if x.ndim == self.feature_ndim + 1 else 1
         return windows * self.tokens_per_window
+
+
+class WindowedAudioEncoder(ModalityEncoder):
+    """Shared chunk handling: subclasses encode windows. ``forward`` takes the preprocessor's output,
+    batched: (B, *feature_shape) or (B, K, *feature_shape) -> (B, K * tokens_per_window, D_enc)."""
+
+    modality = "audio"
+    Preprocessor: ClassVar[type[WindowedAudioPreprocessor]]
+
+    @abstractmethod
+    def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(W, *feature_shape) windows -> (W, tokens_per_window, D_enc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        chunked = x.ndim == self.preprocessor.feature_ndim + 2
+        windows = x.flatten(0, 1) if chunked else x  # (B * K, ...)
+        tokens = self.encode_windows(windows.to(self.dtype))  # (B * K, n, D)
+        return tokens.reshape(batch, -1, tokens.shape[-1])  # (B, K * n, D)
 
 
 def _checked_pair(options: Any, backbone: str) -> None:
@@ -279,53 +289,45 @@ class WhisperOptions(ClipOptions):
     window: 2 x it mel frames of 10 ms)."""
 
 
-class WhisperAudioEncoder(WindowedAudioEncoder):
-    """Whisper's encoder over its log-mel features: (B, n_mels, 2 * max_source_positions) -> 50 tokens/s."""
+def whisper_config(options: WhisperOptions) -> WhisperConfig:
+    """The model's ``WhisperConfig``: from ``options.config``, or the checkpoint's ``config.json``."""
+    _checked_pair(options, "whisper")
+    if options.config is not None:
+        return WhisperConfig(**{k: v for k, v in options.config.items() if k != "model_type"})
+    config = AutoConfig.from_pretrained(options.name_or_path)
+    if config.model_type != "whisper":
+        raise ValueError(
+            f"whisper encoder: {options.name_or_path} holds a {config.model_type!r} model, not whisper"
+        )
+    return config
 
-    Options = WhisperOptions
+
+class WhisperPreprocessor(WindowedAudioPreprocessor):
+    """The checkpoint's ``WhisperFeatureExtractor`` (the default one for a random config or a folder without
+    one), each window padded with silence to the model's full input: (n_mels, 2 * max_source_positions).
+    Tokens: those covering the clip, 50 a second (10 ms mel frames, the encoder's stride 2)."""
+
     feature_ndim = 2
 
     def __init__(self, options: WhisperOptions) -> None:
         super().__init__(options)
-        _checked_pair(options, "whisper")
+        config = whisper_config(options)
         if options.config is not None:
-            spec = {k: v for k, v in options.config.items() if k != "model_type"}
-            config = WhisperConfig(**spec)
-            self.tower = WhisperEncoder(config)
             self.extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-            self._pretrained = False
         else:
-            source = options.name_or_path
-            config = AutoConfig.from_pretrained(source)
-            if config.model_type != "whisper":
-                raise ValueError(
-                    f"whisper encoder: {source} holds a {config.model_type!r} model, not whisper"
-                )
-            self.tower = WhisperModel.from_pretrained(source, dtype=torch.float32).get_encoder()
-            self.extractor = _load_extractor(source, WhisperFeatureExtractor, config.num_mel_bins)
-            self._pretrained = True
+            self.extractor = _load_extractor(
+                options.name_or_path, WhisperFeatureExtractor, config.num_mel_bins
+            )
         if self.extractor.feature_size != config.num_mel_bins:
             raise ValueError(
                 f"whisper encoder: the feature extractor makes {self.extractor.feature_size} mel bins, "
                 f"the model expects num_mel_bins={config.num_mel_bins}"
             )
         self.sample_rate = int(self.extractor.sampling_rate)
-        self._stride = int(self.tower.conv1.stride[0] * self.tower.conv2.stride[0])
-        self.window_frames = int(config.max_source_positions) * self._stride
+        self.window_frames = int(config.max_source_positions) * WHISPER_STRIDE
         self._set_clip(self.window_frames * self.extractor.hop_length, "whisper")
-
-    @property
-    def output_dim(self) -> int:
-        return int(self.tower.config.d_model)
-
-    @property
-    def is_pretrained(self) -> bool:
-        return self._pretrained
-
-    @property
-    def tokens_per_window(self) -> int:
         clip_frames = math.ceil(self.clip_samples / self.extractor.hop_length)
-        return math.ceil(clip_frames / self._stride)
+        self.tokens_per_window = math.ceil(clip_frames / WHISPER_STRIDE)
 
     def window_features(self, wave: torch.Tensor) -> torch.Tensor:
         features = self.extractor(
@@ -338,9 +340,31 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         )["input_features"]
         return features[0]  # (n_mels, window_frames)
 
+
+class WhisperAudioEncoder(WindowedAudioEncoder):
+    """Whisper's encoder over its log-mel features: (B, n_mels, 2 * max_source_positions) -> 50 tokens/s."""
+
+    Options = WhisperOptions
+    Preprocessor = WhisperPreprocessor
+
+    def __init__(self, options: WhisperOptions) -> None:
+        super().__init__(options)
+        if options.config is not None:
+            self.tower = WhisperEncoder(whisper_config(options))
+        else:
+            self.tower = WhisperModel.from_pretrained(options.name_or_path, dtype=torch.float32).get_encoder()
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.tower.config.d_model)
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.name_or_path is not None
+
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.tower(input_features=x).last_hidden_state  # (W, max_source_positions, D)
-        return hidden[:, : self.tokens_per_window]
+        return hidden[:, : self.preprocessor.tokens_per_window]
 
 
 # ---- CLAP ----------------------------------------------------------------------------------------------
@@ -356,31 +380,35 @@ class ClapOptions(ClipOptions):
     """Build a random audio tower from this ``ClapAudioConfig`` dict instead."""
 
 
-class ClapAudioEncoder(WindowedAudioEncoder):
-    """CLAP's HTS-AT audio tower: (B, 1|4, frames, n_mels) log-mel -> its last (freq x time) feature grid."""
+def clap_config(options: ClapOptions) -> ClapAudioConfig:
+    """The audio tower's ``ClapAudioConfig``: from ``options.config``, or the checkpoint's ``config.json``
+    (its ``audio_config`` for a full CLAP checkpoint)."""
+    _checked_pair(options, "clap")
+    if options.config is not None:
+        return ClapAudioConfig(**{k: v for k, v in options.config.items() if k != "model_type"})
+    return ClapAudioConfig.from_pretrained(options.name_or_path)
 
-    Options = ClapOptions
+
+class ClapPreprocessor(WindowedAudioPreprocessor):
+    """The checkpoint's ``ClapFeatureExtractor`` (the default one for a random config or a folder without
+    one), each window repeat-padded to the window: (1 | 4 with fusion, frames, n_mels). Tokens: the Swin
+    tower's last feature grid, (spec_size / patch_stride / 2 per merge) squared, from the config."""
+
     feature_ndim = 3
 
     def __init__(self, options: ClapOptions) -> None:
         super().__init__(options)
-        _checked_pair(options, "clap")
+        config = clap_config(options)
         if options.config is not None:
-            spec = {k: v for k, v in options.config.items() if k != "model_type"}
-            config = ClapAudioConfig(**spec)
-            self.tower = ClapAudioModel(config)
             self.extractor = ClapFeatureExtractor(feature_size=config.num_mel_bins)
-            self._pretrained = False
         else:
-            source = options.name_or_path
-            self.tower = ClapAudioModelWithProjection.from_pretrained(source, dtype=torch.float32).audio_model
-            config = self.tower.config
-            self.extractor = _load_extractor(source, ClapFeatureExtractor, config.num_mel_bins)
-            self._pretrained = True
-        encoder = self.tower.audio_encoder
+            self.extractor = _load_extractor(options.name_or_path, ClapFeatureExtractor, config.num_mel_bins)
         hop = self.extractor.hop_length
-        spec_frames = int(encoder.spec_size * encoder.freq_ratio)  # the most time frames the Swin input holds
-        window = self.extractor.nb_max_samples if self._pretrained else (spec_frames - 1) * hop
+        # The most time frames the Swin input holds (HTS-AT folds them into spec_size // n_mels rows).
+        spec_frames = int(config.spec_size * (config.spec_size // config.num_mel_bins))
+        window = (
+            self.extractor.nb_max_samples if options.name_or_path is not None else (spec_frames - 1) * hop
+        )
         if window // hop + 1 > spec_frames or self.extractor.feature_size != config.num_mel_bins:
             raise ValueError(
                 f"clap encoder: the feature extractor makes {window // hop + 1} frames x "
@@ -392,20 +420,10 @@ class ClapAudioEncoder(WindowedAudioEncoder):
         self.window_samples = int(window)
         self._set_clip(self.window_samples, "clap")
         self._truncation = "fusion" if config.enable_fusion else "rand_trunc"
-        side = encoder.spec_size // 2 ** (len(config.depths) - 1) // encoder.patch_stride[0]
-        self._tokens = int(side * side)
-
-    @property
-    def output_dim(self) -> int:
-        return int(self.tower.audio_encoder.num_features)
-
-    @property
-    def is_pretrained(self) -> bool:
-        return self._pretrained
-
-    @property
-    def tokens_per_window(self) -> int:
-        return self._tokens
+        stride = config.patch_stride
+        stride = stride if isinstance(stride, int) else stride[0]
+        side = config.spec_size // 2 ** (len(config.depths) - 1) // stride  # one patch merge per later stage
+        self.tokens_per_window = int(side * side)
 
     def window_features(self, wave: torch.Tensor) -> torch.Tensor:
         # The clip never exceeds the window, so neither truncation mode crops at random.
@@ -417,6 +435,29 @@ class ClapAudioEncoder(WindowedAudioEncoder):
             return_tensors="pt",
         )["input_features"]
         return features[0].float()  # (1 | 4 with fusion, frames, n_mels)
+
+
+class ClapAudioEncoder(WindowedAudioEncoder):
+    """CLAP's HTS-AT audio tower: (B, 1|4, frames, n_mels) log-mel -> its last (freq x time) feature grid."""
+
+    Options = ClapOptions
+    Preprocessor = ClapPreprocessor
+
+    def __init__(self, options: ClapOptions) -> None:
+        super().__init__(options)
+        if options.config is not None:
+            self.tower = ClapAudioModel(clap_config(options))
+        else:
+            source = options.name_or_path
+            self.tower = ClapAudioModelWithProjection.from_pretrained(source, dtype=torch.float32).audio_model
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.tower.audio_encoder.num_features)
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.name_or_path is not None
 
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         is_longer = None
@@ -492,12 +533,33 @@ class AudioTransformerOptions:
     model); the encoder then counts as pretrained (frozen by default)."""
 
 
+class AudioTransformerPreprocessor(WindowedAudioPreprocessor):
+    """Kaldi fbank at 16 kHz, zero-padded to the window: (128, 100 * max_seconds). Tokens: the stem's two
+    stride-2 convolutions over the frames, 25 a second."""
+
+    feature_ndim = 2
+
+    def __init__(self, options: AudioTransformerOptions) -> None:
+        super().__init__(options)
+        self.sample_rate = SAMPLE_RATE
+        if options.max_seconds <= 0:
+            raise ValueError(
+                f"audio_transformer encoder: options.max_seconds must be > 0, got {options.max_seconds}"
+            )
+        self._set_clip(round(options.max_seconds * SAMPLE_RATE), "audio_transformer")
+        self.num_frames = round(options.max_seconds * FBANK_FRAMES_PER_SECOND)
+        self.tokens_per_window = math.ceil(math.ceil(self.num_frames / 2) / 2)
+
+    def window_features(self, wave: torch.Tensor) -> torch.Tensor:
+        return kaldi_fbank(wave, self.sample_rate, self.num_frames)  # (128, num_frames)
+
+
 class AudioTransformerEncoder(WindowedAudioEncoder):
     """Kaldi fbank (128 x 100 frames/s) -> two stride-2 3x3 convolutions -> a pre-norm transformer with
     sine positions: 25 tokens per second of audio."""
 
     Options = AudioTransformerOptions
-    feature_ndim = 2
+    Preprocessor = AudioTransformerPreprocessor
     STEM_STRIDE = 4
 
     def __init__(self, options: AudioTransformerOptions) -> None:
@@ -507,13 +569,6 @@ class AudioTransformerEncoder(WindowedAudioEncoder):
                 f"audio_transformer encoder: options.width ({options.width}) must be even and divisible by "
                 f"options.heads ({options.heads})"
             )
-        self.sample_rate = SAMPLE_RATE
-        if options.max_seconds <= 0:
-            raise ValueError(
-                f"audio_transformer encoder: options.max_seconds must be > 0, got {options.max_seconds}"
-            )
-        self._set_clip(round(options.max_seconds * SAMPLE_RATE), "audio_transformer")
-        self.num_frames = round(options.max_seconds * FBANK_FRAMES_PER_SECOND)
         c = options.stem_channels
         self.stem = nn.Sequential(
             nn.Conv2d(1, c, kernel_size=3, stride=2, padding=1),
@@ -535,13 +590,6 @@ class AudioTransformerEncoder(WindowedAudioEncoder):
     @property
     def is_pretrained(self) -> bool:
         return self.options.weights is not None
-
-    @property
-    def tokens_per_window(self) -> int:
-        return math.ceil(math.ceil(self.num_frames / 2) / 2)
-
-    def window_features(self, wave: torch.Tensor) -> torch.Tensor:
-        return kaldi_fbank(wave, self.sample_rate, self.num_frames)  # (128, num_frames)
 
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.stem(x.unsqueeze(1))  # (W, C, 128 / 4, frames / 4)

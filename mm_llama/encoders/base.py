@@ -70,9 +70,7 @@ class ModalityEncoder(nn.Module, ABC):
     def __init__(self, options: Any) -> None:
         super().__init__()
         self.options = options
-        self.preprocessor = (
-            self.Preprocessor(options) if getattr(self, "Preprocessor", None) else _TransitionShim(self)
-        )
+        self.preprocessor = preprocessor_class(type(self))(options)
 
     @property
     @abstractmethod
@@ -173,26 +171,22 @@ def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEn
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
-class _TransitionShim:
-    """TEMPORARY (removed when every encoder has its Preprocessor): the encoder's own methods."""
-
-    def __init__(self, encoder: ModalityEncoder) -> None:
-        self.encoder = encoder
-
-    def __call__(self, item: Any) -> torch.Tensor:
-        return type(self.encoder).preprocess(self.encoder, item)
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        return type(self.encoder).num_tokens(self.encoder, x)
+def preprocessor_class(cls: type[ModalityEncoder]) -> type[MediaPreprocessor]:
+    """``cls.Preprocessor``, or a ``TypeError`` that says what an encoder class lacks."""
+    preprocessor = getattr(cls, "Preprocessor", None)
+    if not (isinstance(preprocessor, type) and issubclass(preprocessor, MediaPreprocessor)):
+        raise TypeError(
+            f"encoder {cls.__name__} sets no Preprocessor: give it a MediaPreprocessor subclass (built from its "
+            "Options: the preprocessing and the token count), see docs/new_modality.md"
+        )
+    return preprocessor
 
 
 def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
     """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
     cls = ENCODERS.get(cfg.type)
-    if not getattr(cls, "Preprocessor", None):
-        return _TransitionShim(build_encoder(modality, cfg))
     options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
-    return cls.Preprocessor(options)
+    return preprocessor_class(cls)(options)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:

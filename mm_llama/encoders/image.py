@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 import tempfile
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import open_clip
@@ -29,17 +31,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from torch import nn
-from torch.func import functional_call
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
 
-from mm_llama.encoders.base import ModalityEncoder, load_weights, read_bytes
+from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder, load_weights, read_bytes
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 PROBE_SIDE = 64
-"""Side of the blank image pushed through a backbone's transform to learn its input size at start-up."""
+"""Side of the blank image pushed through a backbone's transform to learn the input size it makes."""
 OPEN_CLIP_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 """Keys every open_clip model config holds (see open_clip's ``model_configs/*.json``)."""
 CHECKPOINT_ERRORS = (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError)
@@ -108,35 +109,64 @@ class HFVisionOptions:
     """``crop``: resize + centre crop (CLIP's processor); ``pad``: pad to square first (LLaVA-1.5)."""
 
 
+def hf_tower_config(options: HFVisionOptions) -> Any:
+    """The tower's transformers config: built from ``options.config``, or read from the checkpoint's
+    ``config.json`` (its ``vision_config`` for a full CLIP / SigLIP checkpoint)."""
+    if (options.name_or_path is None) == (options.config is None):
+        raise ValueError("hf_vision encoder: set exactly one of options.name_or_path or options.config")
+    if options.config is not None:
+        spec = dict(options.config)
+        model_type = spec.pop("model_type", "clip_vision_model")
+        return AutoConfig.for_model(model_type, **spec)
+    config = AutoConfig.from_pretrained(options.name_or_path)
+    return getattr(config, "vision_config", config)
+
+
+class HFVisionPreprocessor(MediaPreprocessor):
+    """The checkpoint's image processor (a folder without one, or a random tower: CLIP's resize + centre crop
+    at the tower's resolution with the family's normalization), after LLaVA-1.5's padding with
+    ``aspect: pad``: (3, H, W). Patches and CLS come from the tower's embeddings, built on the meta device."""
+
+    def __init__(self, options: HFVisionOptions) -> None:
+        super().__init__(options)
+        config = hf_tower_config(options)
+        if options.config is not None:
+            self.image_processor = _default_processor(config)
+        else:
+            self.image_processor = _load_processor(options.name_or_path, config)
+        with torch.device("meta"):  # shapes only: no weights, nothing read
+            tower = AutoModel.from_config(config)
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        self.num_patches = int(embeddings.num_patches)
+        self.has_cls = int(embeddings.num_positions) > self.num_patches
+        if options.select_feature == "cls_patch" and not self.has_cls:
+            raise ValueError(f"{type(tower).__name__} has no CLS token; use select_feature='patch'")
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        image = load_image(item)
+        if self.options.aspect == "pad":
+            image = pad_to_square(image, tuple(self.image_processor.image_mean))
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return pixels[0]  # (3, H, W)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return self.num_patches + int(self.options.select_feature == "cls_patch")
+
+
 class HFVisionEncoder(ModalityEncoder):
     """A transformers vision tower (``CLIPVisionModel``, ``SiglipVisionModel``, ...) as an image encoder."""
 
     modality = "image"
     Options = HFVisionOptions
+    Preprocessor = HFVisionPreprocessor
 
     def __init__(self, options: HFVisionOptions) -> None:
         super().__init__(options)
-        if (options.name_or_path is None) == (options.config is None):
-            raise ValueError("hf_vision encoder: set exactly one of options.name_or_path or options.config")
+        config = hf_tower_config(options)
         if options.config is not None:
-            spec = dict(options.config)
-            model_type = spec.pop("model_type", "clip_vision_model")
-            config = AutoConfig.for_model(model_type, **spec)
             self.tower = AutoModel.from_config(config)
-            self.image_processor = _default_processor(config)
-            self._pretrained = False
         else:
-            source = options.name_or_path
-            config = AutoConfig.from_pretrained(source)
-            vision_config = getattr(config, "vision_config", config)
-            self.tower = _load_tower(source, vision_config)
-            self.image_processor = _load_processor(source, vision_config)
-            self._pretrained = True
-        embeddings = getattr(self.tower, "vision_model", self.tower).embeddings
-        self._num_patches = int(embeddings.num_patches)
-        self._has_cls = int(embeddings.num_positions) > self._num_patches
-        if options.select_feature == "cls_patch" and not self._has_cls:
-            raise ValueError(f"{type(self.tower).__name__} has no CLS token; use select_feature='patch'")
+            self.tower = _load_tower(options.name_or_path, config)
 
     @property
     def output_dim(self) -> int:
@@ -144,25 +174,14 @@ class HFVisionEncoder(ModalityEncoder):
 
     @property
     def is_pretrained(self) -> bool:
-        return self._pretrained
-
-    def preprocess(self, item: Any) -> torch.Tensor:
-        image = load_image(item)
-        if self.options.aspect == "pad":
-            image = pad_to_square(image, tuple(self.image_processor.image_mean))
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        return pixels[0]  # (3, H, W)
+        return self.options.name_or_path is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.tower(pixel_values=x.to(self.dtype), output_hidden_states=True)
         hidden = out.hidden_states[self.options.select_layer]  # (B, [1 +] P, D)
-        if self._has_cls and self.options.select_feature == "patch":
+        if self.preprocessor.has_cls and self.options.select_feature == "patch":
             hidden = hidden[:, 1:]
         return hidden
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        keep_cls = self._has_cls and self.options.select_feature == "cls_patch"
-        return self._num_patches + int(keep_cls)
 
 
 def _load_tower(source: str, vision_config: Any) -> torch.nn.Module:
@@ -191,32 +210,6 @@ def _default_processor(vision_config: Any) -> CLIPImageProcessor:
 # ---- OpenCLIP and timm backbones ------------------------------------------------------------------------
 Intermediate = tuple[torch.Tensor, torch.Tensor | None]
 """One block's output: the spatial map (B, C, H', W') and the prefix tokens (B, P, C) when asked for."""
-
-
-class _MethodCall(nn.Module):
-    """Calls ``module.<method>``, so that ``functional_call`` can run any method with swapped weights."""
-
-    def __init__(self, module: nn.Module, method: str) -> None:
-        super().__init__()
-        self.module = module
-        self.method = method
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.module, self.method)(*args, **kwargs)
-
-
-def meta_call(module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Run ``module.<method>(*args)`` in eval mode with every parameter and buffer on the meta device:
-    output shapes without any compute or memory. Tensor arguments must be on the meta device too."""
-    wrapper = _MethodCall(module, method)
-    state = {name: t.to("meta") for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
-    modes = {m: m.training for m in module.modules()}
-    module.eval()  # batch norm refuses a batch of one in training mode
-    try:
-        return functional_call(wrapper, state, args, kwargs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def block_index(select_layer: int, num_blocks: int, where: str) -> int:
@@ -259,57 +252,89 @@ def has_cls_token(backbone: nn.Module) -> bool:
     return getattr(backbone, "cls_token", None) is not None or hasattr(backbone, "class_embedding")
 
 
-class IntermediatesEncoder(ModalityEncoder):
-    """Shared body of the ``open_clip`` and ``timm`` encoders.
+class IntermediatesPreprocessor(MediaPreprocessor):
+    """Shared by the ``open_clip`` and ``timm`` preprocessors: the library's eval transform (any image ->
+    (3, H, W)), the validated block, and token counts from a shape-only pass of the backbone built on the meta
+    device (no weights, no file read), cached per input shape.
 
-    A subclass builds ``self.backbone``, ``self.transform`` (PIL image -> (3, H, W), the library's eval
-    transform) and implements ``_take`` on top of its library's ``forward_intermediates``; then it calls
-    ``_setup``, which counts the blocks and sizes the output with a shape-only (meta device) pass.
-    """
+    A subclass builds that weightless backbone and the transform (``build``), reads block outputs with its
+    library's ``forward_intermediates`` (``take``, which the encoder runs on its real backbone too) and says
+    whether the backbone has a CLS token (``cls_token``)."""
 
-    modality = "image"
+    where: ClassVar[str]
+    """The encoder's name in error messages."""
 
-    def _setup(self, has_cls: bool, pretrained: bool, where: str) -> None:
-        self._pretrained = pretrained
-        self._keep_cls = self.options.select_feature == "cls_patch"
-        if self._keep_cls and not has_cls:
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        backbone, self.transform = self.build()
+        self.keep_cls = options.select_feature == "cls_patch"
+        if self.keep_cls and not self.cls_token(backbone):
             raise ValueError(
-                f"{where}: {self.options.model_name!r} has no CLS token, so options.select_feature must be "
+                f"{self.where}: {options.model_name!r} has no CLS token, so options.select_feature must be "
                 "'patch', got 'cls_patch'"
             )
-        probe = self.preprocess(Image.new("RGB", (PROBE_SIDE, PROBE_SIDE))).unsqueeze(0)  # (1, 3, H, W)
-        maps = meta_call(self, "_take", probe.to("meta"), None, False)
-        self._block = block_index(self.options.select_layer, len(maps), where)
-        self._output_dim = int(maps[self._block][0].shape[1])
-        self._num_tokens: dict[tuple[int, ...], int] = {}
+        probe = self(Image.new("RGB", (PROBE_SIDE, PROBE_SIDE)))  # (3, H, W), the size every image gets
+        maps = self.take(backbone, probe.to("meta").unsqueeze(0), None, False)
+        self.block = block_index(options.select_layer, len(maps), self.where)
+        self.width = int(maps[self.block][0].shape[1])  # D_enc: the selected block's channels
+        self._backbone: nn.Module | None = backbone
+        self._counts: dict[tuple[int, ...], int] = {}
+        self.num_tokens(probe)
 
     @abstractmethod
-    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
+    def build(self) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+        """The backbone on the meta device in eval mode (batch norm refuses a batch of one in training mode)
+        and the library's eval transform; raises on options that name no buildable model."""
+
+    @staticmethod
+    @abstractmethod
+    def take(
+        backbone: nn.Module, x: torch.Tensor, indices: list[int] | None, keep_cls: bool
+    ) -> list[Intermediate]:
         """(B, 3, H, W) -> the outputs of blocks ``indices`` (all when None), with prefix tokens if asked."""
 
-    @property
-    def output_dim(self) -> int:
-        return self._output_dim
+    @staticmethod
+    @abstractmethod
+    def cls_token(backbone: nn.Module) -> bool:
+        """Whether the backbone puts a CLS token before its patches."""
 
-    @property
-    def is_pretrained(self) -> bool:
-        return self._pretrained
-
-    def preprocess(self, item: Any) -> torch.Tensor:
+    def __call__(self, item: Any) -> torch.Tensor:
         return self.transform(load_image(item))  # (3, H, W)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial, prefix = self._take(x.to(self.dtype), [self._block], self._keep_cls)[0]
-        tokens = spatial.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C), row-major patches
-        if self._keep_cls:
-            tokens = torch.cat([prefix[:, :1], tokens], dim=1)  # (B, 1 + H'W', C): CLS first, as in the ViT
-        return tokens
 
     def num_tokens(self, x: torch.Tensor) -> int:
         shape = tuple(x.shape)
-        if shape not in self._num_tokens:
-            self._num_tokens[shape] = int(meta_call(self, "forward", x.to("meta").unsqueeze(0)).shape[1])
-        return self._num_tokens[shape]
+        if shape not in self._counts:
+            if self._backbone is None:  # after unpickling
+                self._backbone = self.build()[0]
+            probe = torch.empty((1, *shape), device="meta")
+            spatial, _ = self.take(self._backbone, probe, [self.block], False)[0]  # (1, C, H', W')
+            self._counts[shape] = int(spatial.shape[2] * spatial.shape[3]) + int(self.keep_cls)
+        return self._counts[shape]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_backbone"] = None  # a module, even a weightless one, does not travel; rebuilt when needed
+        return state
+
+
+class IntermediatesEncoder(ModalityEncoder):
+    """Shared body of the ``open_clip`` and ``timm`` encoders: a subclass builds ``self.backbone`` (with its
+    weights); the preprocessor picked the block and reads it (``take``)."""
+
+    modality = "image"
+    Preprocessor: ClassVar[type[IntermediatesPreprocessor]]
+
+    @property
+    def output_dim(self) -> int:
+        return self.preprocessor.width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.preprocessor
+        spatial, prefix = pre.take(self.backbone, x.to(self.dtype), [pre.block], pre.keep_cls)[0]
+        tokens = spatial.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C), row-major patches
+        if pre.keep_cls:
+            tokens = torch.cat([prefix[:, :1], tokens], dim=1)  # (B, 1 + H'W', C): CLS first, as in the ViT
+        return tokens
 
 
 @dataclass
@@ -378,31 +403,77 @@ def open_clip_tag_settings(model_name: str, tag: str, where: str) -> dict[str, A
     }
 
 
+def open_clip_settings(options: OpenCLIPOptions, where: str) -> dict[str, Any]:
+    """Check the architecture (registering ``model_config``) and return the extra arguments of
+    ``create_model_and_transforms`` that ``pretrained_tag`` implies (none without a tag)."""
+    reject_remote_name(options.model_name, where)
+    if options.model_config is not None:
+        register_open_clip_config(options.model_name, options.model_config, where)
+    elif options.model_name not in open_clip.list_models():
+        raise ValueError(
+            f"{where}: unknown open_clip architecture {options.model_name!r}; see open_clip.list_models(), "
+            "or describe a custom one in options.model_config"
+        )
+    if options.pretrained_tag is None:
+        return {}
+    return open_clip_tag_settings(options.model_name, options.pretrained_tag, where)
+
+
+def _not_a_random_init_notice(record: logging.LogRecord) -> bool:
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" for a weightless build."""
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+class OpenCLIPPreprocessor(IntermediatesPreprocessor):
+    """open_clip's eval transform for the architecture (and ``pretrained_tag``); counts from a meta build."""
+
+    where = "open_clip encoder"
+
+    def build(self) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+        settings = open_clip_settings(self.options, self.where)
+        root = logging.getLogger()  # open_clip logs to the root logger
+        root.addFilter(_not_a_random_init_notice)
+        try:
+            with torch.device("meta"):
+                model, _, transform = open_clip.create_model_and_transforms(
+                    self.options.model_name, pretrained=None, pretrained_text=False, device="meta", **settings
+                )
+        finally:
+            root.removeFilter(_not_a_random_init_notice)
+        return model.visual.eval(), transform
+
+    @staticmethod
+    def take(
+        backbone: nn.Module, x: torch.Tensor, indices: list[int] | None, keep_cls: bool
+    ) -> list[Intermediate]:
+        out = backbone.forward_intermediates(
+            x, indices=indices, stop_early=True, intermediates_only=True, output_extra_tokens=keep_cls
+        )
+        spatial = out["image_intermediates"]  # per block: (B, C, H', W')
+        prefix = out.get("image_intermediates_prefix", [None] * len(spatial))  # per block: (B, P, C)
+        return list(zip(spatial, prefix))
+
+    @staticmethod
+    def cls_token(backbone: nn.Module) -> bool:
+        return has_cls_token(getattr(backbone, "trunk", backbone))  # timm-based towers wrap a trunk
+
+
 class OpenCLIPEncoder(IntermediatesEncoder):
     """The vision tower of an OpenCLIP model (ViT, timm-based ViT such as SigLIP, or ModifiedResNet)."""
 
     Options = OpenCLIPOptions
+    Preprocessor = OpenCLIPPreprocessor
 
     def __init__(self, options: OpenCLIPOptions) -> None:
         super().__init__(options)
-        where = "open_clip encoder"
-        reject_remote_name(options.model_name, where)
-        if options.model_config is not None:
-            register_open_clip_config(options.model_name, options.model_config, where)
-        elif options.model_name not in open_clip.list_models():
-            raise ValueError(
-                f"{where}: unknown open_clip architecture {options.model_name!r}; see open_clip.list_models(), "
-                "or describe a custom one in options.model_config"
-            )
+        where = self.preprocessor.where
+        settings = open_clip_settings(options, where)
         checkpoint = None
         if options.pretrained is not None:
             checkpoint = local_checkpoint(options.pretrained, "pretrained", where)
-        tag_settings: dict[str, Any] = {}
-        if options.pretrained_tag is not None:
-            tag_settings = open_clip_tag_settings(options.model_name, options.pretrained_tag, where)
         try:
-            model, _, transform = open_clip.create_model_and_transforms(
-                options.model_name, pretrained=checkpoint, pretrained_text=False, **tag_settings
+            model, _, _ = open_clip.create_model_and_transforms(
+                options.model_name, pretrained=checkpoint, pretrained_text=False, **settings
             )
         except CHECKPOINT_ERRORS as e:
             if checkpoint is None:
@@ -412,18 +483,10 @@ class OpenCLIPEncoder(IntermediatesEncoder):
                 f"of that whole model): {e}"
             ) from e
         self.backbone = model.visual
-        self.transform = transform
-        self._setup(
-            has_cls_token(getattr(self.backbone, "trunk", self.backbone)), checkpoint is not None, where
-        )
 
-    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
-        out = self.backbone.forward_intermediates(
-            x, indices=indices, stop_early=True, intermediates_only=True, output_extra_tokens=keep_cls
-        )
-        spatial = out["image_intermediates"]  # per block: (B, C, H', W')
-        prefix = out.get("image_intermediates_prefix", [None] * len(spatial))  # per block: (B, P, C)
-        return list(zip(spatial, prefix))
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.pretrained is not None
 
 
 @dataclass
@@ -445,22 +508,68 @@ class TimmOptions:
     """``patch``: drop the CLS token (and any register tokens); ``cls_patch``: keep the CLS token."""
 
 
+def timm_arguments(options: TimmOptions, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check the model name; ``timm.create_model``'s keyword arguments and its ``pretrained_cfg_overlay``
+    (the input size the model is built for, so that the preprocessing config follows it)."""
+    reject_remote_name(options.model_name, where)
+    if not timm.is_model(options.model_name):
+        raise ValueError(f"{where}: unknown timm model {options.model_name!r}; see timm.list_models()")
+    kwargs = dict(options.model_kwargs)
+    overlay: dict[str, Any] = {}
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        overlay["input_size"] = (3, *(size if isinstance(size, (list, tuple)) else (size, size)))
+    return kwargs, overlay
+
+
+class TimmPreprocessor(IntermediatesPreprocessor):
+    """timm's eval transform from the model's pretrained config (at ``img_size``); counts from a meta build."""
+
+    where = "timm encoder"
+
+    def build(self) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+        name = self.options.model_name
+        kwargs, overlay = timm_arguments(self.options, self.where)
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"{self.where}: options.model_kwargs do not fit {name!r}: {e}") from e
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"{self.where}: timm {name!r} has no forward_intermediates; pick another")
+        transform = timm.data.create_transform(
+            **timm.data.resolve_model_data_config(model), is_training=False
+        )
+        return model.eval(), transform
+
+    @staticmethod
+    def take(
+        backbone: nn.Module, x: torch.Tensor, indices: list[int] | None, keep_cls: bool
+    ) -> list[Intermediate]:
+        if not keep_cls:  # per block: (B, C, H', W')
+            maps = backbone.forward_intermediates(
+                x, indices=indices, stop_early=True, intermediates_only=True
+            )
+            return [(m, None) for m in maps]
+        return backbone.forward_intermediates(  # per block: ((B, C, H', W'), (B, P, C))
+            x, indices=indices, stop_early=True, intermediates_only=True, return_prefix_tokens=True
+        )
+
+    @staticmethod
+    def cls_token(backbone: nn.Module) -> bool:
+        return has_cls_token(backbone)
+
+
 class TimmEncoder(IntermediatesEncoder):
     """A timm backbone (ViT, EVA, DeiT, ConvNeXt, ...) as an image encoder."""
 
     Options = TimmOptions
+    Preprocessor = TimmPreprocessor
 
     def __init__(self, options: TimmOptions) -> None:
         super().__init__(options)
-        where = "timm encoder"
-        reject_remote_name(options.model_name, where)
-        if not timm.is_model(options.model_name):
-            raise ValueError(f"{where}: unknown timm model {options.model_name!r}; see timm.list_models()")
-        kwargs = dict(options.model_kwargs)
-        overlay: dict[str, Any] = {}
-        if "img_size" in kwargs:  # keep the preprocessing config at the size the model is built for
-            size = kwargs["img_size"]
-            overlay["input_size"] = (3, *(size if isinstance(size, (list, tuple)) else (size, size)))
+        where = self.preprocessor.where
+        kwargs, overlay = timm_arguments(options, where)
         checkpoint = None
         if options.pretrained_file is not None:
             checkpoint = local_checkpoint(options.pretrained_file, "pretrained_file", where)
@@ -468,14 +577,12 @@ class TimmEncoder(IntermediatesEncoder):
             if "num_classes" in kwargs:  # timm loads strictly only when the file's head matches the model's
                 overlay["num_classes"] = kwargs["num_classes"]
         try:
-            model = timm.create_model(
+            self.backbone = timm.create_model(
                 options.model_name,
                 pretrained=checkpoint is not None,
                 pretrained_cfg_overlay=overlay,
                 **kwargs,
             )
-        except TypeError as e:
-            raise ValueError(f"{where}: options.model_kwargs do not fit {options.model_name!r}: {e}") from e
         except CHECKPOINT_ERRORS as e:
             if checkpoint is None:
                 raise
@@ -483,25 +590,10 @@ class TimmEncoder(IntermediatesEncoder):
                 f"{where}: cannot load {checkpoint} into timm {options.model_name!r} with model_kwargs "
                 f"{options.model_kwargs}: {e}"
             ) from e
-        if not hasattr(model, "forward_intermediates"):
-            raise ValueError(
-                f"{where}: timm {options.model_name!r} has no forward_intermediates; pick another"
-            )
-        self.backbone = model
-        self.transform = timm.data.create_transform(
-            **timm.data.resolve_model_data_config(model), is_training=False
-        )
-        self._setup(has_cls_token(model), checkpoint is not None, where)
 
-    def _take(self, x: torch.Tensor, indices: list[int] | None, keep_cls: bool) -> list[Intermediate]:
-        if not keep_cls:  # per block: (B, C, H', W')
-            maps = self.backbone.forward_intermediates(
-                x, indices=indices, stop_early=True, intermediates_only=True
-            )
-            return [(m, None) for m in maps]
-        return self.backbone.forward_intermediates(  # per block: ((B, C, H', W'), (B, P, C))
-            x, indices=indices, stop_early=True, intermediates_only=True, return_prefix_tokens=True
-        )
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.pretrained_file is not None
 
 
 @dataclass
@@ -521,6 +613,35 @@ class ConvImageOptions:
     """Append x/y coordinate channels to the input (CoordConv), so pooled tokens can still say where."""
     weights: str | None = None
     """A safetensors file of this encoder's ``state_dict``; the encoder then counts as pretrained."""
+
+
+class ConvImagePreprocessor(MediaPreprocessor):
+    """Resize to ``image_size`` x ``image_size`` (bilinear, aspect not kept), pixels scaled to [-1, 1]:
+    (3, S, S); ``grid`` x ``grid`` tokens, or one per cell of the last stage's map (S halved per stage)."""
+
+    MEAN = 0.5
+    STD = 0.5
+
+    def __init__(self, options: ConvImageOptions) -> None:
+        super().__init__(options)
+        if not options.channels:
+            raise ValueError("image_cnn encoder: options.channels must list at least one stage")
+        side = options.image_size
+        for _ in options.channels:
+            side = (side + 1) // 2
+        if options.grid is not None and options.grid > side:
+            raise ValueError(
+                f"image_cnn encoder: options.grid ({options.grid}) exceeds the feature map side ({side})"
+            )
+        self.side = options.grid or side  # tokens per side of the output grid
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        image = load_image(item).resize((self.options.image_size,) * 2, Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+        return (pixels - self.MEAN) / self.STD
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return self.side * self.side
 
 
 class _ResidualConv(nn.Module):
@@ -543,13 +664,10 @@ class ConvImageEncoder(ModalityEncoder):
 
     modality = "image"
     Options = ConvImageOptions
-    MEAN = 0.5
-    STD = 0.5
+    Preprocessor = ConvImagePreprocessor
 
     def __init__(self, options: ConvImageOptions) -> None:
         super().__init__(options)
-        if not options.channels:
-            raise ValueError("image_cnn encoder: options.channels must list at least one stage")
         layers: list[nn.Module] = []
         in_ch = 5 if options.coords else 3
         if options.blocks < 1:
@@ -559,15 +677,8 @@ class ConvImageEncoder(ModalityEncoder):
             layers += [_ResidualConv(ch) for _ in range(options.blocks - 1)]
             in_ch = ch
         self.body = nn.Sequential(*layers)
-        side = options.image_size
-        for _ in options.channels:
-            side = (side + 1) // 2
-        self._side = options.grid or side
-        if options.grid is not None and options.grid > side:
-            raise ValueError(
-                f"image_cnn encoder: options.grid ({options.grid}) exceeds the feature map side ({side})"
-            )
-        self.position = nn.Parameter(torch.zeros(self._side * self._side, in_ch))
+        side = self.preprocessor.side
+        self.position = nn.Parameter(torch.zeros(side * side, in_ch))
         nn.init.normal_(self.position, std=0.02)
         if options.weights is not None:
             load_weights(self, options.weights, "image_cnn encoder (options.weights)")
@@ -579,11 +690,6 @@ class ConvImageEncoder(ModalityEncoder):
     @property
     def is_pretrained(self) -> bool:
         return self.options.weights is not None
-
-    def preprocess(self, item: Any) -> torch.Tensor:
-        image = load_image(item).resize((self.options.image_size,) * 2, Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-        return (pixels - self.MEAN) / self.STD
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)  # (B, 3, H, W)
@@ -604,6 +710,3 @@ class ConvImageEncoder(ModalityEncoder):
         if self.options.grid is not None:
             fmap = nn.functional.adaptive_avg_pool2d(fmap, self.options.grid)
         return fmap.flatten(2).transpose(1, 2) + self.position  # (B, grid*grid, C)
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        return self._side * self._side

@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from mm_llama.encoders.audio import split_windows
-from mm_llama.encoders.base import ModalityEncoder, load_weights, pre_norm_transformer, read_bytes
+from mm_llama.encoders.base import (
+    MediaPreprocessor,
+    ModalityEncoder,
+    load_weights,
+    pre_norm_transformer,
+    read_bytes,
+)
 
 SAMPLE_RATE = 200.0
 """Hz; Ego4D's IMU rate, as ImageBind uses it."""
@@ -326,12 +332,14 @@ class IMUOptions:
     model); the encoder then counts as pretrained (frozen by default)."""
 
 
-class IMUEncoder(ModalityEncoder):
-    """Shared IMU preprocessing: ``preprocess`` -> (C, window), or (K, C, window) with ``chunk``;
-    ``forward`` -> (B, K * tokens_per_window, D_enc)."""
+class IMUPreprocessor(MediaPreprocessor):
+    """Shared IMU preprocessing: read, resample, normalize, window -> (C, window), or (K, C, window) with
+    ``chunk``. Subclasses set ``tokens_per_window``."""
 
-    modality = "imu"
     name: ClassVar[str]
+    """The encoder's registry name, for error messages."""
+    tokens_per_window: int
+    """Output tokens of one window."""
 
     def __init__(self, options: IMUOptions) -> None:
         super().__init__(options)
@@ -348,19 +356,6 @@ class IMUEncoder(ModalityEncoder):
             if min(options.std) <= 0:
                 raise ValueError(f"{where}.std: every value must be > 0, got {options.std}")
 
-    @property
-    def is_pretrained(self) -> bool:
-        return self.options.weights is not None
-
-    @property
-    @abstractmethod
-    def tokens_per_window(self) -> int:
-        """Output tokens of one window."""
-
-    @abstractmethod
-    def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(W, C, window) -> (W, tokens_per_window, D_enc)."""
-
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(C, T) -> (C, T), per channel."""
         opts = self.options
@@ -372,7 +367,7 @@ class IMUEncoder(ModalityEncoder):
             return (x - torch.tensor(opts.mean).unsqueeze(1)) / torch.tensor(opts.std).unsqueeze(1)
         return x
 
-    def preprocess(self, item: Any) -> torch.Tensor:
+    def __call__(self, item: Any) -> torch.Tensor:
         opts = self.options
         x = load_imu(
             item, opts.sample_rate, opts.channels, opts.input_rate, opts.timestamp_unit, opts.min_samples
@@ -384,14 +379,29 @@ class IMUEncoder(ModalityEncoder):
         ]
         return torch.stack(windows) if opts.chunk else windows[0]
 
+    def num_tokens(self, x: torch.Tensor) -> int:
+        return (x.shape[0] if x.ndim == 3 else 1) * self.tokens_per_window
+
+
+class IMUEncoder(ModalityEncoder):
+    """Shared chunk handling: ``forward`` takes the preprocessor's output, batched: (B, C, window) or
+    (B, K, C, window) -> (B, K * tokens_per_window, D_enc)."""
+
+    modality = "imu"
+
+    @property
+    def is_pretrained(self) -> bool:
+        return self.options.weights is not None
+
+    @abstractmethod
+    def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(W, C, window) -> (W, tokens_per_window, D_enc)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         windows = x.flatten(0, 1) if x.ndim == 4 else x  # (B * K, C, window)
         tokens = self.encode_windows(windows.to(self.dtype))  # (B * K, n, D)
         return tokens.reshape(batch, -1, tokens.shape[-1])  # (B, K * n, D)
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        return (x.shape[0] if x.ndim == 3 else 1) * self.tokens_per_window
 
 
 # ---- ImageBind-style transformer -------------------------------------------------------------------------
@@ -408,25 +418,42 @@ class IMUTransformerOptions(IMUOptions):
     """``cls_patch``: the CLS token then one token per patch; ``patch``: patches only; ``cls``: CLS only."""
 
 
+class IMUTransformerPreprocessor(IMUPreprocessor):
+    """IMU windows; tokens: one per ``patch_size`` samples, with the CLS token or it alone (``select_feature``)."""
+
+    name = "imu_transformer"
+
+    def __init__(self, options: IMUTransformerOptions) -> None:
+        super().__init__(options)
+        if options.patch_size < 1 or options.window % options.patch_size:
+            raise ValueError(
+                f"imu_transformer encoder: options.patch_size ({options.patch_size}) must divide options.window "
+                f"({options.window})"
+            )
+        num_patches = options.window // options.patch_size
+        select = options.select_feature
+        self.tokens_per_window = 1 if select == "cls" else num_patches + int(select == "cls_patch")
+
+
 class IMUTransformerEncoder(IMUEncoder):
     """ImageBind's IMU tower: patches of ``patch_size`` samples x C channels -> linear (no bias) + LayerNorm
     to the width -> CLS + learned positions -> pre-norm transformer -> LayerNorm."""
 
     Options = IMUTransformerOptions
-    name = "imu_transformer"
+    Preprocessor = IMUTransformerPreprocessor
 
     def __init__(self, options: IMUTransformerOptions) -> None:
         super().__init__(options)
-        if options.window % options.patch_size or options.width % options.heads:
+        if options.width % options.heads:
             raise ValueError(
-                f"imu_transformer encoder: options.patch_size ({options.patch_size}) must divide options.window "
-                f"({options.window}) and options.heads ({options.heads}) must divide options.width ({options.width})"
+                f"imu_transformer encoder: options.heads ({options.heads}) must divide options.width "
+                f"({options.width})"
             )
-        self.num_patches = options.window // options.patch_size
+        num_patches = options.window // options.patch_size
         self.patch_embed = nn.Linear(options.channels * options.patch_size, options.width, bias=False)
         self.patch_norm = nn.LayerNorm(options.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, options.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, options.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, options.width))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = pre_norm_transformer(options.width, options.heads, options.depth)
@@ -437,11 +464,6 @@ class IMUTransformerEncoder(IMUEncoder):
     @property
     def output_dim(self) -> int:
         return self.options.width
-
-    @property
-    def tokens_per_window(self) -> int:
-        select = self.options.select_feature
-        return 1 if select == "cls" else self.num_patches + int(select == "cls_patch")
 
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.options.patch_size
@@ -467,19 +489,32 @@ class IMUConvOptions(IMUOptions):
     """Odd kernel size of every layer."""
 
 
-class IMUConvEncoder(IMUEncoder):
-    """``layers`` x (Conv1d stride 2 -> GroupNorm -> GELU) over the (C, window) signal; one token per step."""
+class IMUConvPreprocessor(IMUPreprocessor):
+    """IMU windows; tokens: ``window`` halved (rounding up) by each stride-2 layer."""
 
-    Options = IMUConvOptions
     name = "imu_cnn"
 
     def __init__(self, options: IMUConvOptions) -> None:
         super().__init__(options)
-        if options.layers < 1 or options.kernel_size % 2 == 0:
+        if options.layers < 1 or options.kernel_size % 2 == 0:  # an odd kernel keeps ceil(n / 2) per layer
             raise ValueError(
                 f"imu_cnn encoder: options.layers must be >= 1 and options.kernel_size odd, got "
                 f"{options.layers} and {options.kernel_size}"
             )
+        n = options.window
+        for _ in range(options.layers):
+            n = math.ceil(n / 2)
+        self.tokens_per_window = n
+
+
+class IMUConvEncoder(IMUEncoder):
+    """``layers`` x (Conv1d stride 2 -> GroupNorm -> GELU) over the (C, window) signal; one token per step."""
+
+    Options = IMUConvOptions
+    Preprocessor = IMUConvPreprocessor
+
+    def __init__(self, options: IMUConvOptions) -> None:
+        super().__init__(options)
         blocks: list[nn.Module] = []
         in_channels = options.channels
         for _ in range(options.layers):
@@ -502,13 +537,6 @@ class IMUConvEncoder(IMUEncoder):
     @property
     def output_dim(self) -> int:
         return self.options.width
-
-    @property
-    def tokens_per_window(self) -> int:
-        n = self.options.window
-        for _ in range(self.options.layers):
-            n = math.ceil(n / 2)
-        return n
 
     def encode_windows(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).transpose(1, 2)  # (W, width, n) -> (W, n, width)

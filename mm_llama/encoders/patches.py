@@ -1,6 +1,6 @@
 """Fuyu-style raw patches: an "encoder" without a network, for a linear projector to embed.
 
-``preprocess`` keeps the image's aspect ratio: it resizes it to fit ``max_height`` x ``max_width``
+Preprocessing keeps the image's aspect ratio: it resizes it to fit ``max_height`` x ``max_width``
 (never enlarging it unless ``upscale``), normalizes the pixels and pads the bottom and right edges
 to a multiple of the patch size P with ``PAD_VALUE``. ``forward`` cuts the result into P x P x 3
 patches in raster order and puts a row-break token after each patch row, so the LLM sees the 2-D
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mm_llama.encoders.base import ModalityEncoder
+from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder
 from mm_llama.encoders.image import load_image
 
 FUYU_PATCH_SIZE = 30
@@ -61,11 +61,9 @@ def fit_size(height: int, width: int, max_height: int, max_width: int, upscale: 
     return max(1, min(max_height, round(height * scale))), max(1, min(max_width, round(width * scale)))
 
 
-class PatchEncoder(ModalityEncoder):
-    """Raw pixel patches with row breaks: (B, 3, H, W) -> (B, rows * (cols + 1), P*P*3 + 1)."""
-
-    modality = "image"
-    Options = PatchOptions
+class PatchPreprocessor(MediaPreprocessor):
+    """Image -> (3, H, W) normalized pixels, H and W multiples of the patch size (see the module docstring);
+    ``rows * (cols + 1)`` tokens."""
 
     def __init__(self, options: PatchOptions) -> None:
         super().__init__(options)
@@ -79,6 +77,37 @@ class PatchEncoder(ModalityEncoder):
             )
         if any(s <= 0 for s in options.std):
             raise ValueError(f"patches encoder: options.std must be positive, got {options.std}")
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        o = self.options
+        image = load_image(item)
+        height, width = fit_size(image.height, image.width, o.max_height, o.max_width, o.upscale)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / MAX_PIXEL).permute(2, 0, 1)
+        mean = torch.tensor(o.mean).view(CHANNELS, 1, 1)
+        std = torch.tensor(o.std).view(CHANNELS, 1, 1)
+        pixels = (pixels - mean) / std  # (3, h, w)
+        p = o.patch_size
+        padded = torch.full((CHANNELS, -(-height // p) * p, -(-width // p) * p), PAD_VALUE)
+        padded[:, :height, :width] = pixels
+        return padded  # (3, H, W)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        p = self.options.patch_size
+        return (x.shape[-2] // p) * (x.shape[-1] // p + 1)
+
+
+class PatchEncoder(ModalityEncoder):
+    """Raw pixel patches with row breaks: (B, 3, H, W) -> (B, rows * (cols + 1), P*P*3 + 1)."""
+
+    modality = "image"
+    Options = PatchOptions
+    Preprocessor = PatchPreprocessor
+
+    def __init__(self, options: PatchOptions) -> None:
+        super().__init__(options)
+        p = options.patch_size
         row_break = torch.zeros(p * p * CHANNELS + 1)
         row_break[-1] = 1.0
         # A buffer, not a parameter: it tells forward where the model lives and stays out of checkpoints.
@@ -100,22 +129,6 @@ class PatchEncoder(ModalityEncoder):
     def dtype(self) -> torch.dtype:
         return self.row_break.dtype
 
-    def preprocess(self, item: Any) -> torch.Tensor:
-        """Image -> (3, H, W) normalized pixels, H and W multiples of the patch size."""
-        o = self.options
-        image = load_image(item)
-        height, width = fit_size(image.height, image.width, o.max_height, o.max_width, o.upscale)
-        if (height, width) != (image.height, image.width):
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / MAX_PIXEL).permute(2, 0, 1)
-        mean = torch.tensor(o.mean).view(CHANNELS, 1, 1)
-        std = torch.tensor(o.std).view(CHANNELS, 1, 1)
-        pixels = (pixels - mean) / std  # (3, h, w)
-        p = o.patch_size
-        padded = torch.full((CHANNELS, -(-height // p) * p, -(-width // p) * p), PAD_VALUE)
-        padded[:, :height, :width] = pixels
-        return padded  # (3, H, W)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.options.patch_size
         b, c, h, w = x.shape
@@ -132,7 +145,3 @@ class PatchEncoder(ModalityEncoder):
         patches = torch.cat([patches, flag], dim=-1)  # (B, rows, cols, D)
         breaks = self.row_break.expand(b, rows, 1, self.output_dim)  # (B, rows, 1, D)
         return torch.cat([patches, breaks], dim=2).reshape(b, rows * (cols + 1), self.output_dim)
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        p = self.options.patch_size
-        return (x.shape[-2] // p) * (x.shape[-1] // p + 1)

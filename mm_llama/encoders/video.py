@@ -4,7 +4,7 @@ Inputs: a path or bytes of any container/codec FFmpeg (bundled with PyAV) reads 
 mkv, ...), or decoded frames as an array/tensor (F, H, W, C) with C in {1, 3, 4}, uint8 or floats
 in [0, 1].
 
-Frame sampling (``preprocess``, pure):
+Frame sampling (the preprocessor, pure):
 - ``uniform``: exactly ``num_frames`` frames, the centres of ``num_frames`` equal segments. A clip
   with fewer frames repeats frames (each segment takes its nearest frame), so every clip yields
   ``num_frames`` frames and clips batch together.
@@ -12,8 +12,8 @@ Frame sampling (``preprocess``, pure):
   takes ``num_frames`` of those, uniformly spread) and never more than the native rate; the frame
   count varies with duration. Times come from the stream's average frame rate (a variable-rate
   stream is treated as constant-rate); frame arrays need ``array_fps``.
-Each frame goes through the frame encoder's own ``preprocess``, so ``preprocess`` returns
-(F, C, H, W) in the frame backbone's resolution and normalization.
+Each frame goes through the frame encoder's own preprocessor, so preprocessing returns (F, C, H, W)
+in the frame backbone's resolution and normalization.
 
 Temporal aggregation (``forward``) of the frame features (B, F, N, D):
 - ``keep``: all F*N tokens, frame-major, each frame's tokens plus a learned temporal embedding.
@@ -43,7 +43,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from mm_llama.config import EncoderConfig
-from mm_llama.encoders.base import ModalityEncoder, build_encoder, read_bytes
+from mm_llama.encoders.base import (
+    MediaPreprocessor,
+    ModalityEncoder,
+    build_encoder,
+    build_preprocessor,
+    read_bytes,
+)
 
 Sampling = Literal["uniform", "fps"]
 Aggregation = Literal["keep", "mean", "pool"]
@@ -199,11 +205,9 @@ def _decode(item: Any, choose: FrameChooser) -> np.ndarray:
     return np.stack([kept[i] if i < decoded else tail for i in indices])
 
 
-class VideoEncoder(ModalityEncoder):
-    """Frames through an image encoder: (B, F, C, H, W) -> (B, M, D) with M set by the aggregation."""
-
-    modality = "video"
-    Options = VideoOptions
+class VideoPreprocessor(MediaPreprocessor):
+    """Decode, sample (see the module docstring) and preprocess each frame with the frame encoder's own
+    preprocessor: (F, C, H, W). Tokens: the frame encoder's per frame, aggregated."""
 
     def __init__(self, options: VideoOptions) -> None:
         super().__init__(options)
@@ -219,6 +223,50 @@ class VideoEncoder(ModalityEncoder):
         for field, value in (("fps", o.fps), ("array_fps", o.array_fps)):
             if value is not None and value <= 0:
                 raise ValueError(f"video encoder: options.{field} must be > 0, got {value}")
+        self.frame_preprocessor = build_preprocessor("video.frame_encoder", o.frame_encoder)
+
+    def choose(self, total: int, native_fps: float | None, name: str) -> list[int]:
+        """The indices of the frames to keep (a :data:`FrameChooser`)."""
+        o = self.options
+        if o.sampling == "uniform":
+            return uniform_indices(total, o.num_frames)
+        if native_fps is None:
+            raise ValueError(
+                f"video {name}: its frame rate is unknown, so fps sampling cannot place frames "
+                "(set array_fps for frame arrays, or use sampling: uniform)"
+            )
+        return fps_indices(total, native_fps, o.fps, o.num_frames)
+
+    def load_frames(self, item: Any) -> np.ndarray:
+        """The sampled frames of one video, (F, H, W, C), before the frame encoder's preprocessing."""
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            frames = _frame_array(item)
+            return frames[self.choose(len(frames), self.options.array_fps, "<frame array>")]
+        return _decode(item, self.choose)
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        frames = self.load_frames(item)
+        return torch.stack([self.frame_preprocessor(frame) for frame in frames])  # (F, C, H, W)
+
+    def num_tokens(self, x: torch.Tensor) -> int:
+        per_frame = self.frame_preprocessor.num_tokens(x[0])
+        return {
+            "keep": x.shape[0] * per_frame,
+            "mean": per_frame,
+            "pool": self.options.pooled_tokens,
+        }[self.options.aggregation]
+
+
+class VideoEncoder(ModalityEncoder):
+    """Frames through an image encoder: (B, F, C, H, W) -> (B, M, D) with M set by the aggregation."""
+
+    modality = "video"
+    Options = VideoOptions
+    Preprocessor = VideoPreprocessor
+
+    def __init__(self, options: VideoOptions) -> None:
+        super().__init__(options)
+        o = options
         self.frame_encoder = build_encoder("video.frame_encoder", o.frame_encoder)
         self.temporal_embedding = (
             nn.Parameter(torch.randn(o.num_frames, self.frame_encoder.output_dim) * TEMPORAL_INIT_STD)
@@ -240,28 +288,6 @@ class VideoEncoder(ModalityEncoder):
         if self.temporal_embedding is not None:
             self.temporal_embedding.requires_grad_(True)
 
-    def _choose(self, total: int, native_fps: float | None, name: str) -> list[int]:
-        o = self.options
-        if o.sampling == "uniform":
-            return uniform_indices(total, o.num_frames)
-        if native_fps is None:
-            raise ValueError(
-                f"video {name}: its frame rate is unknown, so fps sampling cannot place frames "
-                "(set array_fps for frame arrays, or use sampling: uniform)"
-            )
-        return fps_indices(total, native_fps, o.fps, o.num_frames)
-
-    def load_frames(self, item: Any) -> np.ndarray:
-        """The sampled frames of one video, (F, H, W, C), before the frame encoder's preprocessing."""
-        if isinstance(item, (np.ndarray, torch.Tensor)):
-            frames = _frame_array(item)
-            return frames[self._choose(len(frames), self.options.array_fps, "<frame array>")]
-        return _decode(item, self._choose)
-
-    def preprocess(self, item: Any) -> torch.Tensor:
-        frames = self.load_frames(item)
-        return torch.stack([self.frame_encoder.preprocess(frame) for frame in frames])  # (F, C, H, W)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, f = x.shape[:2]
         if f > self.options.num_frames:
@@ -276,11 +302,3 @@ class VideoEncoder(ModalityEncoder):
         if self.options.aggregation == "pool":
             tokens = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.options.pooled_tokens).transpose(1, 2)
         return tokens
-
-    def num_tokens(self, x: torch.Tensor) -> int:
-        per_frame = self.frame_encoder.num_tokens(x[0])
-        return {
-            "keep": x.shape[0] * per_frame,
-            "mean": per_frame,
-            "pool": self.options.pooled_tokens,
-        }[self.options.aggregation]

@@ -262,7 +262,7 @@ def test_whisper_saved_folder_loads_by_path(tmp_path: Path, wav_file: Path) -> N
 def test_clap_random_tower_shapes(wav_file: Path) -> None:
     torch.manual_seed(0)
     encoder = ClapAudioEncoder(ClapOptions(config=copy.deepcopy(TINY_CLAP_AUDIO))).eval()
-    assert encoder.sample_rate == 48000 and not encoder.is_pretrained
+    assert encoder.preprocessor.sample_rate == 48000 and not encoder.is_pretrained
     x = encoder.preprocess(wav_file)
     assert x.shape == (1, 256, 16)  # (channels, frames, mel bins): the window fills the 64 x 4 Swin input
     assert encoder(x[None]).shape == (1, TINY_CLAP_TOKENS, 32) and encoder.num_tokens(x) == TINY_CLAP_TOKENS

@@ -67,7 +67,7 @@ def timm_options(**overrides: Any) -> dict[str, Any]:
 def save_hf(encoder: Any, folder: Path) -> dict[str, Any]:
     """A transformers checkpoint folder: the tower and its image processor, as save_pretrained writes them."""
     encoder.tower.save_pretrained(folder)
-    encoder.image_processor.save_pretrained(folder)
+    encoder.preprocessor.image_processor.save_pretrained(folder)
     return {"name_or_path": str(folder)}
 
 
@@ -388,7 +388,7 @@ def test_siglip_folder_without_cls_loads_with_its_processor(tmp_path: Path) -> N
     source.tower.save_pretrained(tmp_path)
     SiglipImageProcessor(size={"height": SIDE, "width": SIDE}).save_pretrained(tmp_path)
     loaded = build_encoder("image", EncoderConfig(type="hf_vision", options={"name_or_path": str(tmp_path)}))
-    assert type(loaded.image_processor).__name__.startswith("SiglipImageProcessor")
+    assert type(loaded.preprocessor.image_processor).__name__.startswith("SiglipImageProcessor")
     assert encode(loaded.eval(), images()).shape == (2, NUM_PATCHES, WIDTH)
     with pytest.raises(ValueError, match="no CLS token"):
         build_encoder(

@@ -83,7 +83,7 @@ def test_uniform_and_fps_indices() -> None:
 
 @pytest.mark.parametrize("ext", sorted(CONTAINERS))
 def test_decodes_every_container_in_order(videos: dict[str, Path], ext: str) -> None:
-    frames = video_encoder().load_frames(videos[ext])
+    frames = video_encoder().preprocessor.load_frames(videos[ext])
     assert frames.shape == (4, SIZE, SIZE, 3) and frames.dtype == np.uint8
     expected = [2 + STEP * i + (SQUARE - 1) / 2 for i in uniform_indices(N_FRAMES_FILE, 4)]
     np.testing.assert_allclose(square_x(frames), expected, atol=1.5)  # lossy codecs blur edges
@@ -91,10 +91,10 @@ def test_decodes_every_container_in_order(videos: dict[str, Path], ext: str) -> 
 
 def test_fps_sampling_of_a_file(videos: dict[str, Path]) -> None:
     encoder = video_encoder(sampling="fps", fps=3.0, num_frames=8)
-    frames = encoder.load_frames(videos["mp4"])  # 1 s at 12 fps, every 4th frame
+    frames = encoder.preprocessor.load_frames(videos["mp4"])  # 1 s at 12 fps, every 4th frame
     np.testing.assert_allclose(square_x(frames), [2 + STEP * i + 4.5 for i in (0, 4, 8)], atol=1.5)
     assert encoder.preprocess(videos["mp4"]).shape == (3, 3, 32, 32)
-    capped = video_encoder(sampling="fps", fps=12.0, num_frames=5).load_frames(videos["webm"])
+    capped = video_encoder(sampling="fps", fps=12.0, num_frames=5).preprocessor.load_frames(videos["webm"])
     assert len(capped) == 5
 
 
@@ -116,7 +116,7 @@ def test_inputs_path_bytes_array_tensor(videos: dict[str, Path]) -> None:
 def test_short_clip_repeats_frames() -> None:
     encoder = video_encoder(num_frames=8)
     raw = square_frames(3)
-    frames = encoder.load_frames(raw)
+    frames = encoder.preprocessor.load_frames(raw)
     assert frames.shape == (8, SIZE, SIZE, 3)
     np.testing.assert_array_equal(frames, raw[[0, 0, 0, 1, 1, 2, 2, 2]])
     assert encoder.preprocess(raw).shape == (8, 3, 32, 32)
