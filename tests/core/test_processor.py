@@ -4,8 +4,10 @@ into spawned DataLoader workers (plugin modalities included)."""
 from __future__ import annotations
 
 import json
-import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import mm_llama.llm
-from mm_llama.config import EncoderConfig, ModalityConfig, ProjectorConfig
 from mm_llama.data.dataset import Collator, ConversationDataset
 from mm_llama.model import MultimodalLM
-from mm_llama.plugins import import_plugins
-from mm_llama.processor import PROCESSOR_FILE, MultimodalProcessor, ProcessorConfig
+from mm_llama.processor import PROCESSOR_FILE, MultimodalProcessor
 from tests.conftest import tiny_config
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "new_modality.py"
@@ -154,31 +154,52 @@ def test_spawned_dataloader_workers_train(tmp_path: Path) -> None:
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
-def _count_depth_tokens(args: tuple[bytes, np.ndarray]) -> tuple[int, tuple[int, ...]]:
-    processor = pickle.loads(args[0])
-    example = processor("<depth>\nNear or far?", {"depth": [args[1]]})
-    return example.input_ids.count(processor.placeholder_ids["depth"]), tuple(example.media["depth"][0].shape)
+PICKLE_DEPTH_PROCESSOR = """
+import pickle, sys
+from mm_llama.config import EncoderConfig, ModalityConfig, ProjectorConfig
+from mm_llama.plugins import import_plugins
+from mm_llama.processor import MultimodalProcessor, ProcessorConfig
+from tests.conftest import tiny_config
+import_plugins([sys.argv[1]])
+spec = ModalityConfig(
+    encoder=EncoderConfig(type="depth_cnn", options={"size": 16, "width": 8, "grid": 2}),
+    projector=ProjectorConfig(type="mlp2x_gelu"),
+)
+tokenizer = MultimodalProcessor.from_config(tiny_config()).tokenizer
+processor = MultimodalProcessor.from_config(ProcessorConfig(modalities={"depth": spec}), tokenizer)
+open(sys.argv[2], "wb").write(pickle.dumps(processor))
+"""
+UNPICKLE_AND_USE = """
+import pickle, sys
+import numpy as np
+assert not any(m.startswith("mm_llama_plugin_") for m in sys.modules)
+processor = pickle.loads(open(sys.argv[1], "rb").read())
+example = processor("<depth>\\nNear or far?", {"depth": [np.full((20, 20), 2.0, dtype=np.float32)]})
+print(example.input_ids.count(processor.placeholder_ids["depth"]), tuple(example.media["depth"][0].shape))
+"""
 
 
-def test_plugin_modality_processor_unpickles_in_a_spawned_process() -> None:
-    """A spawned process has not imported the plugin file: unpickling the processor imports it first."""
-    import_plugins([EXAMPLE_PLUGIN])
-    config = ProcessorConfig(
-        modalities={
-            "depth": ModalityConfig(
-                encoder=EncoderConfig(type="depth_cnn", options={"size": 16, "width": 8, "grid": 2}),
-                projector=ProjectorConfig(type="mlp2x_gelu"),
-            )
-        }
+def test_plugin_modality_processor_unpickles_in_a_fresh_process(tmp_path: Path) -> None:
+    """A spawned worker has not imported the plugin file: unpickling the processor imports it first.
+    (Both sides run in fresh interpreters, so this test registers nothing in the test process.)"""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    file = tmp_path / "processor.pkl"
+    subprocess.run(
+        [sys.executable, "-c", PICKLE_DEPTH_PROCESSOR, str(EXAMPLE_PLUGIN), str(file)],
+        check=True,
+        env=env,
+        cwd=root,
     )
-    processor = MultimodalProcessor.from_config(
-        config, MultimodalProcessor.from_config(tiny_config()).tokenizer
+    out = subprocess.run(
+        [sys.executable, "-c", UNPICKLE_AND_USE, str(file)],
+        check=True,
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
-    depth = np.full((20, 20), 2.0, dtype=np.float32)
-    expected = _count_depth_tokens((pickle.dumps(processor), depth))
-    assert expected == (4, (1, 16, 16))
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.map(_count_depth_tokens, [(pickle.dumps(processor), depth)]) == [expected]
+    assert out.stdout.split("\n")[-2] == "4 (1, 16, 16)"
 
 
 def conversation(turns: int) -> list[dict[str, str]]:
