@@ -54,6 +54,7 @@ from mm_llama.encoders.base import (
     pre_norm_transformer,
     read_bytes,
 )
+from mm_llama.hub import load_pretrained
 
 SAMPLE_RATE = 16000
 """Whisper's and the fbank encoder's sample rate (Hz)."""
@@ -294,7 +295,7 @@ def whisper_config(options: WhisperOptions) -> WhisperConfig:
     _checked_pair(options, "whisper")
     if options.config is not None:
         return WhisperConfig(**{k: v for k, v in options.config.items() if k != "model_type"})
-    config = AutoConfig.from_pretrained(options.name_or_path)
+    config = load_pretrained(options.name_or_path, "whisper encoder", AutoConfig.from_pretrained)
     if config.model_type != "whisper":
         raise ValueError(
             f"whisper encoder: {options.name_or_path} holds a {config.model_type!r} model, not whisper"
@@ -352,7 +353,9 @@ class WhisperAudioEncoder(WindowedAudioEncoder):
         if options.config is not None:
             self.tower = WhisperEncoder(whisper_config(options))
         else:
-            self.tower = WhisperModel.from_pretrained(options.name_or_path, dtype=torch.float32).get_encoder()
+            self.tower = load_pretrained(
+                options.name_or_path, "whisper encoder", WhisperModel.from_pretrained, dtype=torch.float32
+            ).get_encoder()
 
     @property
     def output_dim(self) -> int:
@@ -386,7 +389,7 @@ def clap_config(options: ClapOptions) -> ClapAudioConfig:
     _checked_pair(options, "clap")
     if options.config is not None:
         return ClapAudioConfig(**{k: v for k, v in options.config.items() if k != "model_type"})
-    return ClapAudioConfig.from_pretrained(options.name_or_path)
+    return load_pretrained(options.name_or_path, "clap encoder", ClapAudioConfig.from_pretrained)
 
 
 class ClapPreprocessor(WindowedAudioPreprocessor):
@@ -449,7 +452,9 @@ class ClapAudioEncoder(WindowedAudioEncoder):
             self.tower = ClapAudioModel(clap_config(options))
         else:
             source = options.name_or_path
-            self.tower = ClapAudioModelWithProjection.from_pretrained(source, dtype=torch.float32).audio_model
+            self.tower = load_pretrained(
+                source, "clap encoder", ClapAudioModelWithProjection.from_pretrained, dtype=torch.float32
+            ).audio_model
 
     @property
     def output_dim(self) -> int:
@@ -471,7 +476,7 @@ def _load_extractor(source: str, cls: type, n_mels: int) -> Any:
     """The checkpoint's own feature extractor, or the family default when a local folder has none."""
     if Path(source).is_dir() and not (Path(source) / PREPROCESSOR_FILE).is_file():
         return cls(feature_size=n_mels)
-    return cls.from_pretrained(source)
+    return load_pretrained(source, "audio feature extractor", cls.from_pretrained)
 
 
 # ---- the built-in fbank transformer ---------------------------------------------------------------------

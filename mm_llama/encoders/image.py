@@ -34,6 +34,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
 
 from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder, load_weights, read_bytes
+from mm_llama.hub import load_pretrained
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -118,7 +119,7 @@ def hf_tower_config(options: HFVisionOptions) -> Any:
         spec = dict(options.config)
         model_type = spec.pop("model_type", "clip_vision_model")
         return AutoConfig.for_model(model_type, **spec)
-    config = AutoConfig.from_pretrained(options.name_or_path)
+    config = load_pretrained(options.name_or_path, "hf_vision encoder", AutoConfig.from_pretrained)
     return getattr(config, "vision_config", config)
 
 
@@ -186,13 +187,13 @@ class HFVisionEncoder(ModalityEncoder):
 
 def _load_tower(source: str, vision_config: Any) -> torch.nn.Module:
     model_cls = AutoModel._model_mapping[type(vision_config)]
-    return model_cls.from_pretrained(source, dtype=torch.float32)
+    return load_pretrained(source, "hf_vision encoder", model_cls.from_pretrained, dtype=torch.float32)
 
 
 def _load_processor(source: str, vision_config: Any) -> Any:
     if Path(source).is_dir() and not (Path(source) / "preprocessor_config.json").is_file():
         return _default_processor(vision_config)
-    return AutoImageProcessor.from_pretrained(source)
+    return load_pretrained(source, "hf_vision image processor", AutoImageProcessor.from_pretrained)
 
 
 def _default_processor(vision_config: Any) -> CLIPImageProcessor:

@@ -27,3 +27,15 @@ def test_a_missing_local_folder_is_reported_as_a_folder(tmp_path) -> None:
     missing = tmp_path / "runs" / "stage" / "llm"
     with pytest.raises(MMInputError, match=f"llm.name_or_path: folder not found: {missing}"):
         load_llm(LLMConfig(name_or_path=str(missing)))
+
+
+@pytest.mark.parametrize(
+    ("encoder", "what"),
+    [("hf_vision", "hf_vision encoder"), ("whisper", "whisper encoder"), ("clap", "clap encoder")],
+)
+def test_encoders_refuse_uncached_hub_ids_too(encoder: str, what: str) -> None:
+    from mm_llama.config import EncoderConfig
+    from mm_llama.encoders.base import build_encoder
+
+    with pytest.raises(MMInputError, match=f"{what}: 'nobody-here/no-such-tower' is not a local folder"):
+        build_encoder("x", EncoderConfig(type=encoder, options={"name_or_path": "nobody-here/no-such-tower"}))
