@@ -39,20 +39,15 @@ class FakeModel:
     def generate(
         self,
         prompts: list[str],
-        images: list[list[Any]] | None = None,
-        audios: list[list[Any]] | None = None,
-        videos: list[list[Any]] | None = None,
-        imus: list[list[Any]] | None = None,
+        *,
+        media: dict[str, list[list[Any]]] | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
     ) -> list[str]:
         self.calls.append(
             {
                 "prompts": list(prompts),
-                "images": images,
-                "audios": audios,
-                "videos": videos,
-                "imus": imus,
+                "media": dict(media or {}),
                 "max_new_tokens": max_new_tokens,
                 "do_sample": do_sample,
             }
@@ -76,8 +71,10 @@ def test_end_to_end_files_and_metrics(tmp_path: Path) -> None:
     # Batches of 2, 2, 1; greedy; the task's answer length; images as one list per prompt; no audio.
     assert [len(c["prompts"]) for c in model.calls] == [2, 2, 1]
     assert all(c["do_sample"] is False and c["max_new_tokens"] == 16 for c in model.calls)
-    assert [Path(p[0]).name for p in model.calls[0]["images"]] == ["COCO_val2014_000000000042.jpg"] * 2
-    assert model.calls[0]["audios"] is None and model.calls[0]["imus"] is None
+    assert [Path(p[0]).name for p in model.calls[0]["media"]["image"]] == [
+        "COCO_val2014_000000000042.jpg"
+    ] * 2
+    assert list(model.calls[0]["media"]) == ["image"]
     lines = [json.loads(line) for line in (out / PREDICTIONS_FILE).read_text().splitlines()]
     assert [line["question_id"] for line in lines] == [1, 2, 3, 4, 5]
     assert lines[0]["prediction"] == "Black."  # stripped
@@ -165,9 +162,9 @@ def test_mixed_modalities_and_no_output_dir(tmp_path: Path) -> None:
     assert metrics["accuracy"] == 100.0
     (call,) = model.calls
     assert call["max_new_tokens"] == 5
-    assert [len(items) for items in call["images"]] == [1, 0]
-    assert [len(items) for items in call["audios"]] == [0, 1]
-    assert call["videos"] is None and call["imus"] is None
+    assert [len(items) for items in call["media"]["image"]] == [1, 0]
+    assert [len(items) for items in call["media"]["audio"]] == [0, 1]
+    assert list(call["media"]) == ["image", "audio"]
     assert not list(tmp_path.glob("**/predictions.jsonl"))
 
 
