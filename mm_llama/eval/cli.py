@@ -4,7 +4,8 @@
         --data data/vqav2/v2_OpenEnded_mscoco_val2014_questions.json --limit 500
 
 The CLI module wires these in with ``add_eval_args(subparser)`` (defined in the light
-:mod:`mm_llama.cli_args`) and ``run_eval(args)``.
+:mod:`mm_llama.cli_args`) and ``run_eval(args)``. A plugin modality's questions (a LLaVA-format file with
+``"depth": "x.npy"`` records) evaluate with ``--plugin FILE --task llava_qa``.
 """
 
 from __future__ import annotations

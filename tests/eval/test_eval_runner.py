@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mm_llama import MultimodalLM
+from mm_llama import MultimodalLM, modality
 from mm_llama.eval import Prediction, Sample, Task, evaluate
 from mm_llama.eval.cli import add_eval_args, run_eval
 from mm_llama.eval.runner import PREDICTIONS_FILE
-from tests.eval.eval_fixtures import write_toy_world, write_vqav2_official
+from tests.eval.eval_fixtures import write_depth_qa, write_toy_world, write_vqav2_official
 
 # Answers of the fake model by question text; see test_vqav2_official_json for why they score 98%.
 VQA_OUTPUTS = {
@@ -166,6 +166,19 @@ def test_mixed_modalities_and_no_output_dir(tmp_path: Path) -> None:
     assert [len(items) for items in call["media"]["audio"]] == [0, 1]
     assert list(call["media"]) == ["image", "audio"]
     assert not list(tmp_path.glob("**/predictions.jsonl"))
+
+
+def test_plugin_modality_media_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered plugin modality's items reach generate as media={"depth": ...}, one list per prompt."""
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    modality.register_modality("depth")
+    model = FakeModel({"Is it near or far?": "near", "What colour is it?": "Red."})
+    metrics = evaluate(model, "llava_qa", write_depth_qa(tmp_path), batch_size=4, progress=False)
+    assert metrics["accuracy"] == 50.0 and metrics["per_modality"] == {"depth": 100.0 / 3, "image": 100.0}
+    (call,) = model.calls
+    assert list(call["media"]) == ["image", "depth"]  # registry order
+    assert [len(items) for items in call["media"]["depth"]] == [1, 1, 2, 0]
+    assert [len(items) for items in call["media"]["image"]] == [0, 0, 0, 1]
 
 
 class _OneQuestion(Task):
