@@ -15,6 +15,7 @@ Run it with ``mm-llama demo --checkpoint DIR`` or ``python demo/app.py --checkpo
 
 from __future__ import annotations
 
+import argparse
 import html
 import logging
 import sys
@@ -30,10 +31,10 @@ try:
 except ModuleNotFoundError as e:  # gradio is the optional "demo" extra
     raise ModuleNotFoundError("the demo needs gradio: pip install 'mm_llama[demo]'") from e
 
-from mm_llama.cli import build_prompt
-from mm_llama.cli import main as cli_main
-from mm_llama.modality import marker
+from mm_llama.cli_args import add_demo_args
+from mm_llama.modality import marker, with_markers
 from mm_llama.model import MultimodalLM
+from mm_llama.plugins import import_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def answer(
     shown = f"{question}\n\n(with {', '.join(new)})" if new else question
     history.append({"role": "user", "content": html.escape(shown, quote=False)})
     yield [*history, {"role": "assistant", "content": ""}]
-    turn = {"role": "user", "content": build_prompt(question, new)}
+    turn = {"role": "user", "content": with_markers(question, new)}
     all_media = {
         name: conversation.media.get(name, []) + new.get(name, []) for name in {*conversation.media, *new}
     }
@@ -200,6 +201,14 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, sha
     app.launch(server_name=host, server_port=port, share=share)
 
 
+def run_demo(args: argparse.Namespace) -> None:
+    """``mm-llama demo``: serve the checkpoint of the parsed ``add_demo_args`` options (their ``--plugin``
+    files imported first)."""
+    import_plugins(args.plugin)
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python demo/app.py ARGS`` runs exactly ``mm-llama demo ARGS``."""
-    cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = add_demo_args(argparse.ArgumentParser(prog="mm-llama demo"))
+    run_demo(parser.parse_args(sys.argv[1:] if argv is None else argv))

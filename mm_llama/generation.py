@@ -8,14 +8,17 @@ embeddings with a KV cache.
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import GenerationMixin as HFGenerationMixin
+from transformers.utils import TransformersKwargs
 
-from mm_llama.modality import media_kwarg
+from mm_llama.modality import media_kwarg, media_kwargs
 
 Prompt = str | Sequence[dict[str, str]]
 """A user message, or a conversation (role/content turns, the last one the user's) to continue."""
@@ -25,15 +28,52 @@ class GenerationMixin:
     """``generate`` and its helpers; mixed into ``MultimodalLM`` (uses its ``processor``, ``llm``,
     ``tokenizer``, ``embed`` and ``device``)."""
 
-    def _media_kwargs(self, images, audios, videos, imus, media) -> dict[str, Any]:
+    def _split_kwargs(
+        self, media: Mapping[str, Sequence[Any]] | None, kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Sequence[Any]], dict[str, Any]]:
+        """Split ``generate``'s extra keywords into media (``media=`` merged with each registered modality's
+        ``<name>s=``) and the keywords for transformers' ``generate``."""
         merged = dict(media or {})
-        for name, value in (("image", images), ("audio", audios), ("video", videos), ("imu", imus)):
-            if value is None:
-                continue
-            if name in merged:
-                raise ValueError(f"{name} inputs given twice: as {media_kwarg(name)}= and in media=")
-            merged[name] = value
-        return merged
+        if not kwargs:
+            return merged, {}
+        by_kwarg = media_kwargs()
+        generation, model_inputs = self._transformers_keywords()
+        rest: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            name = by_kwarg.get(key)
+            if name is None:
+                if key.endswith("s") and key not in generation | model_inputs:
+                    raise TypeError(
+                        f"generate() got an unexpected keyword argument {key!r}: neither the media keyword "
+                        f"of a registered modality ({', '.join(f'{k}=' for k in by_kwarg)}; a plugin's "
+                        "modality, e.g. depths=, once its plugin is imported or register_modality called) "
+                        "nor an option of transformers' generate"
+                    )
+                rest[key] = value
+            elif key in generation:
+                raise ValueError(
+                    f"generate(): {key}= is both the media keyword of modality {name!r} and an option of "
+                    f"transformers' generate; pass the {name} inputs as media={{{name!r}: [...]}}"
+                )
+            elif value is not None:
+                if name in merged:
+                    raise ValueError(f"{name} inputs given twice: as {key}= and in media=")
+                merged[name] = value
+        return merged, rest
+
+    def _transformers_keywords(self) -> tuple[set[str], set[str]]:
+        """What transformers' ``generate`` takes for this LLM: its generation options (``generate``'s
+        parameters and the generation config's fields), and the model inputs it passes on (the LLM's
+        ``forward`` parameters and the generic ones). A modality's keyword may shadow the latter (this model
+        makes the LLM's inputs itself), not the former."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm  # under LoRA
+        generation = {*vars(GenerationConfig()), *vars(base.generation_config)}
+        for function in (HFGenerationMixin.generate, base.generate):
+            generation.update(inspect.signature(function).parameters)
+        model_inputs = set(getattr(TransformersKwargs, "__optional_keys__", ()))
+        for function in (base.forward, base.prepare_inputs_for_generation):
+            model_inputs.update(inspect.signature(function).parameters)
+        return generation, model_inputs
 
     def prepare(self, prompts: Sequence[Prompt], media: dict[str, Sequence[Sequence[Any]]]) -> dict[str, Any]:
         """Tokenize prompts (strings or conversations) for generation, left-padded; ``media[m][i]`` holds
@@ -57,31 +97,36 @@ class GenerationMixin:
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        images: Sequence[Any] | None = None,
-        audios: Sequence[Any] | None = None,
-        videos: Sequence[Any] | None = None,
-        imus: Sequence[Any] | None = None,
-        media: dict[str, Sequence[Any]] | None = None,
+        *,
+        media: Mapping[str, Sequence[Any]] | None = None,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         stream: bool = False,
-        **generate_kwargs: Any,
+        **kwargs: Any,
     ) -> str | list[str] | Iterator[str]:
         """Answer prompts that contain media markers.
 
         A prompt is a user message (a string) or a whole conversation so far: a list of ``{"role",
         "content"}`` (or LLaVA ``{"from", "value"}``) turns ending with the user's, so a follow-up question
-        sees the earlier turns and their media. One prompt: each media argument is the flat list of items
-        for its markers, in order of appearance; returns a string, or with ``stream=True`` an iterator of
-        text pieces. Several prompts (a list of them): each media argument holds one list per prompt;
-        returns a list of strings (batched, left-padded).
-        Plugin modalities go in ``media={"depth": [...]}``. Greedy by default; ``do_sample=True`` samples
-        with ``temperature`` / ``top_p``. Other keyword arguments go to transformers' ``generate``.
+        sees the earlier turns and their media.
+
+        Media go in ``media={"image": [...], "depth": [...]}`` keyed by modality name, or as the keyword
+        ``<name>s=`` of any registered modality: ``images=``, ``audios=``, ``videos=``, ``imus=``, and a
+        plugin's, e.g. ``depths=`` once ``depth`` is registered (``mm_llama.modality.media_kwarg``). One
+        prompt: each modality's value is the flat list of items for its markers, in order of appearance;
+        returns a string, or with ``stream=True`` an iterator of text pieces. Several prompts (a list of
+        them): each modality's value holds one list per prompt; returns a list of strings (batched,
+        left-padded). Greedy by default; ``do_sample=True`` samples with ``temperature`` / ``top_p``.
+
+        Other keyword arguments go to transformers' ``generate`` (``num_beams=``, ``repetition_penalty=``,
+        ...). A keyword ending in ``s`` that is neither a registered modality's nor one transformers knows
+        raises ``TypeError`` (e.g. ``depths=`` before the depth plugin is imported), and a modality whose
+        keyword is also a transformers option must go through ``media=``.
         """
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))
-        merged = self._media_kwargs(images, audios, videos, imus, media)
+        merged, generate_kwargs = self._split_kwargs(media, kwargs)
         if single:
             prompt_list = [prompts]
             merged = {name: [list(items)] for name, items in merged.items()}

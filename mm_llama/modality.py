@@ -9,6 +9,7 @@ outputs into those slots. The marker string doubles as the added placeholder tok
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 BUILTIN_MODALITIES: tuple[str, ...] = ("image", "audio", "video", "imu")
 _MODALITIES: list[str] = list(BUILTIN_MODALITIES)
@@ -46,3 +47,18 @@ def check_modality(name: str) -> None:
 def media_kwarg(name: str) -> str:
     """The keyword argument that carries this modality's inputs: ``image`` -> ``images``."""
     return f"{name}s"
+
+
+def media_kwargs() -> dict[str, str]:
+    """Every known modality's keyword argument -> its name: ``{"images": "image", ...}``."""
+    return {media_kwarg(name): name for name in _MODALITIES}
+
+
+def with_markers(question: str, media: Mapping[str, Sequence[object]]) -> str:
+    """Prefix one marker per media item (``<image> <image>\\n...``) for each modality whose marker the
+    question does not already place; ``media`` maps a modality name to its items."""
+    prefix = []
+    for name, items in media.items():
+        if items and f"<{name}>" not in question:
+            prefix += [f"<{name}>"] * len(items)
+    return (" ".join(prefix) + "\n" + question) if prefix else question

@@ -1,7 +1,8 @@
 """Plugins: Python files that register modalities, encoders or projectors before a config names them.
 
 Every ``mm-llama`` subcommand that loads a config or a checkpoint takes ``--plugin FILE`` (repeatable),
-and ``mm_llama.cli.main`` imports them before the subcommand runs; see docs/new_modality.md.
+and ``mm_llama.cli.main`` imports them before it parses the command line (so a plugin modality has its
+``chat --NAME`` flag) and before the subcommand runs; see docs/new_modality.md.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 
 from mm_llama import LLMConfig, ModelConfig, MultimodalLM
 from mm_llama.config import load_config
-from mm_llama.data.toyworld import generate_toyworld
+from mm_llama.data.toyworld import MODALITIES, generate_toyworld
 from tests.conftest import tiny_llm_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "training" / "configs" / "quickstart.yaml"
@@ -23,7 +23,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("world")
     paths = generate_toyworld(root, seed=3, n_train=1, n_val=0, n_test=0)
     records = json.loads(Path(paths["align_train"]).read_text())
-    files = {m: [str(root / r[m]) for r in records if m in r] for m in ("image", "audio", "video", "imu")}
+    files = {m: [str(root / r[m]) for r in records if m in r] for m in MODALITIES}
     assert all(len(v) == 1 for v in files.values())
     return files
 
@@ -64,6 +64,7 @@ def test_mixed_prompt_tiny(media: dict[str, list[str]]) -> None:
         max_new_tokens=4,
     )
     assert isinstance(answer, str) and isinstance(reordered, str)
+    assert model.generate(PROMPT, media=media, max_new_tokens=4) == answer  # by name: the same inputs
     with pytest.raises(ValueError, match="1 <imu> marker"):
         model.generate(
             PROMPT, images=media["image"], audios=media["audio"], videos=media["video"], imus=media["imu"] * 2

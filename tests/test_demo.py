@@ -3,6 +3,7 @@ checkpoint gets, the page served on 127.0.0.1 and answering through its API, and
 
 from __future__ import annotations
 
+import ast
 import copy
 import html
 import importlib.util
@@ -246,3 +247,12 @@ def test_cli_and_launcher_serve_the_checkpoint(
         ("127.0.0.1", 7999, True),
     ]
     assert all(gr.Image in c["inputs"] and gr.Audio not in c["inputs"] for c in launched)
+
+
+def test_the_demo_does_not_import_the_cli() -> None:
+    """No cli <-> demo import cycle: ``mm-llama demo`` imports the demo when it runs, and the demo takes its
+    arguments from the light ``mm_llama.cli_args``."""
+    tree = ast.parse((REPO / "mm_llama" / "demo.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "mm_llama.cli" not in imported and "mm_llama.cli_args" in imported

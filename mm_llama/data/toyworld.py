@@ -46,6 +46,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from mm_llama.cli_args import add_toyworld_args  # defined there: `mm-llama --help` loads no media libraries
+
 MODALITIES: tuple[str, ...] = ("image", "audio", "video", "imu")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MEDIA_DIRS: dict[str, str] = {"image": "images", "audio": "audio", "video": "video", "imu": "imu"}
@@ -718,36 +720,22 @@ def generate_toyworld(
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def add_toyworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``mm-llama toyworld`` options to ``parser``."""
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN, help="train samples per modality")
-    parser.add_argument("--n-val", type=int, default=DEFAULT_N_VAL, help="val samples per modality")
-    parser.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help="test samples per modality")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--video-size", type=int, default=64, help="video frame side in pixels (even)")
-    parser.add_argument(
-        "--single-turn",
-        action="store_true",
-        help="one question per training record (default: follow-up turns ask every question type)",
-    )
-    return parser
-
-
 def run_toyworld(args: argparse.Namespace) -> dict[str, Path]:
-    """Generate the toy world from parsed ``add_toyworld_args`` options and print where it went."""
+    """Generate the toy world from parsed ``add_toyworld_args`` options and print where it went (options
+    left out take ``generate_toyworld``'s defaults)."""
+    given = {
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "n_test": args.n_test,
+        "modalities": args.modalities,
+    }
     paths = generate_toyworld(
         args.out,
         seed=args.seed,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        modalities=args.modalities,
         image_size=args.image_size,
         video_size=args.video_size,
         multi_turn=not args.single_turn,
+        **{name: value for name, value in given.items() if value is not None},
     )
     world = json.loads(paths["world"].read_text())
     for split, s in world["splits"].items():

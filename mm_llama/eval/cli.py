@@ -3,51 +3,28 @@
     mm-llama eval --checkpoint runs/stage2 --task vqav2 \\
         --data data/vqav2/v2_OpenEnded_mscoco_val2014_questions.json --limit 500
 
-The CLI module wires these in with ``add_eval_args(subparser)`` and ``run_eval(args)``.
+The CLI module wires these in with ``add_eval_args(subparser)`` (defined in the light
+:mod:`mm_llama.cli_args`) and ``run_eval(args)``. A plugin modality's questions (a LLaVA-format file with
+``"depth": "x.npy"`` records) evaluate with ``--plugin FILE --task llava_qa``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from mm_llama.eval.runner import evaluate, metrics_table
-from mm_llama.eval.tasks import TASKS
-from mm_llama.plugins import add_plugin_arg
+from mm_llama.cli_args import add_eval_args
+from mm_llama.plugins import import_plugins
 
-
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """Add the eval options to ``parser``."""
-    add_plugin_arg(parser)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder saved by training")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="benchmark to run")
-    parser.add_argument(
-        "--data",
-        required=True,
-        type=Path,
-        help="local benchmark file or folder (official JSON/CSV, or an lmms-lab parquet file or folder)",
-    )
-    parser.add_argument(
-        "--media-root", type=Path, default=None, help="folder of the images/audio (default: per task)"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="answer length cap (default: the task's own)"
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="folder for predictions, results and metrics; rerunning resumes (default: CHECKPOINT/eval/TASK)",
-    )
+__all__ = ["add_eval_args", "run_eval"]
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Load the checkpoint, evaluate, print a table of the metrics; returns the metrics."""
-    from mm_llama import MultimodalLM  # imported here so `mm-llama --help` stays fast
+    from mm_llama.eval.runner import evaluate, metrics_table  # imported here: `--help` stays fast
+    from mm_llama.model import MultimodalLM
 
+    import_plugins(args.plugin)  # (already done by `mm-llama`; a no-op then)
     model = MultimodalLM.from_pretrained(args.checkpoint)
     output = args.output if args.output is not None else args.checkpoint / "eval" / args.task
     metrics = evaluate(

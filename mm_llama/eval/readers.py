@@ -12,9 +12,10 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 
 def read_json(path: Path) -> Any:
@@ -92,6 +93,8 @@ def parquet_files(path: Path) -> list[Path]:
 
 def read_parquet(files: Sequence[Path], required: Sequence[str]) -> datasets.Dataset:
     """Load parquet files with ``datasets``, image columns undecoded; checks the ``required`` columns."""
+    import datasets  # imported here: the task names (``mm-llama eval --help``) need no pyarrow
+
     dataset = datasets.Dataset.from_parquet([str(f) for f in files])
     assert isinstance(dataset, datasets.Dataset)  # one split, not a dict of splits
     missing = [name for name in required if name not in dataset.column_names]

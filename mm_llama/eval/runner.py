@@ -11,8 +11,9 @@
   has one: ``MultimodalLM.fingerprint()``). A rerun into a folder of another run (a retrained model, other
   data) raises instead of mixing in stale answers.
 
-The model is anything with ``generate(prompts, images=, audios=, videos=, imus=, max_new_tokens=,
-do_sample=) -> list[str]`` where each media argument has one list of items per prompt.
+The model is anything with ``generate(prompts, media=, max_new_tokens=, do_sample=) -> list[str]``, where
+``media`` maps each modality in the batch (by its registered name: ``image``, a plugin's ``depth``) to one
+list of items per prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from mm_llama.eval.tasks import Prediction, Sample, Task, get_task
+from mm_llama.modality import marker, modalities
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
 RUN_FILE = "run.json"
-MEDIA_KWARGS: dict[str, str] = {"image": "images", "audio": "audios", "video": "videos", "imu": "imus"}
 
 
 class Generator(Protocol):
@@ -44,10 +45,8 @@ class Generator(Protocol):
     def generate(
         self,
         prompts: list[str],
-        images: list[list[Any]] | None = None,
-        audios: list[list[Any]] | None = None,
-        videos: list[list[Any]] | None = None,
-        imus: list[list[Any]] | None = None,
+        *,
+        media: dict[str, list[list[Any]]] | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
     ) -> list[str]: ...
@@ -99,27 +98,28 @@ def read_predictions(path: Path) -> dict[str, Prediction]:
     return done
 
 
-def _media_kwargs(batch: Sequence[Sample]) -> dict[str, list[list[Any]] | None]:
-    """One list of items per prompt for each modality present in the batch, else None."""
-    kwargs: dict[str, list[list[Any]] | None] = {}
-    for modality, kwarg in MEDIA_KWARGS.items():
-        present = any(s.media.get(modality) for s in batch)
-        kwargs[kwarg] = [list(s.media.get(modality, [])) for s in batch] if present else None
-    return kwargs
+def _batch_media(batch: Sequence[Sample]) -> dict[str, list[list[Any]]]:
+    """For each modality present in the batch, one list of items per prompt (empty for prompts without)."""
+    names = [m for m in modalities() if any(s.media.get(m) for s in batch)]
+    return {m: [list(s.media.get(m, [])) for s in batch] for m in names}
 
 
 def _check_sample(sample: Sample, task: Task) -> None:
     """Each ``<m>`` marker needs exactly one item; say which question is off."""
-    unknown = set(sample.media) - set(MEDIA_KWARGS)
+    known = modalities()
+    unknown = set(sample.media) - set(known)
     if unknown:
-        raise ValueError(f"{task.name} question {sample.question_id}: unsupported media {sorted(unknown)}")
-    for modality in MEDIA_KWARGS:
-        markers = sample.prompt.count(f"<{modality}>")
+        raise ValueError(
+            f"{task.name} question {sample.question_id}: unsupported media {sorted(unknown)} "
+            f"(registered modalities: {', '.join(known)}; a plugin's need --plugin FILE)"
+        )
+    for modality in known:
+        markers = sample.prompt.count(marker(modality))
         items = len(sample.media.get(modality, []))
         if markers != items:
             raise ValueError(
-                f"{task.name} question {sample.question_id}: prompt has {markers} <{modality}> marker(s) "
-                f"but {items} {modality} item(s)"
+                f"{task.name} question {sample.question_id}: prompt has {markers} {marker(modality)} "
+                f"marker(s) but {items} {modality} item(s)"
             )
 
 
@@ -224,7 +224,7 @@ def evaluate(
     try:
         for batch in _batches(pending(), batch_size):
             answers = model.generate(
-                [s.prompt for s in batch], **_media_kwargs(batch), max_new_tokens=tokens, do_sample=False
+                [s.prompt for s in batch], media=_batch_media(batch), max_new_tokens=tokens, do_sample=False
             )
             if len(answers) != len(batch):
                 raise ValueError(f"model.generate returned {len(answers)} answers for {len(batch)} prompts")

@@ -1,8 +1,12 @@
-"""The ``mm-llama`` command line: media flags, and ``--plugin`` on every subcommand that loads a model."""
+"""The ``mm-llama`` command line: media flags from the modality registry, ``--plugin`` on every subcommand
+that loads a model (imported before parsing), and help that imports nothing heavy."""
 
 from __future__ import annotations
 
+import argparse
 import io
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,12 +14,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm_llama.cli import build_parser, main, parse_media
+from mm_llama import cli_args, modality
+from mm_llama.cli import COMMANDS, build_parser, main, parse_media, plugin_files
 from mm_llama.model import MultimodalLM
 from mm_llama.plugins import import_plugins
 
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "bitsandbytes", "timm", "open_clip")
 
-def test_media_flags_of_any_modality() -> None:
+
+@pytest.fixture
+def depth_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``depth`` registered as a modality for this test only (the registry is restored afterwards)."""
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    modality.register_modality("depth")
+
+
+def test_media_flags_of_any_modality(depth_registered: None) -> None:
     args = build_parser().parse_args(
         ["chat", "--checkpoint", "ck", "--image", "a.png", "--media", "depth=d.npy", "--media", "image=b.png"]
     )
@@ -26,10 +41,92 @@ def test_media_flags_of_any_modality() -> None:
         "imu": [],
         "depth": ["d.npy"],
     }
+    args = build_parser().parse_args(["chat", "--checkpoint", "ck", "--depth", "d.npy", "--depth", "e.npy"])
+    assert parse_media(args)["depth"] == ["d.npy", "e.npy"]  # the registry gives every modality its flag
     for bad in ("depth", "=d.npy", "depth="):
         args = build_parser().parse_args(["chat", "--checkpoint", "ck", "--media", bad])
         with pytest.raises(ValueError, match="NAME=PATH"):
             parse_media(args)
+    args = build_parser().parse_args(["chat", "--checkpoint", "ck", "--media", "sonar=s.bin"])
+    with pytest.raises(ValueError, match="unknown modality 'sonar'.*--plugin"):
+        parse_media(args)
+
+
+def test_chat_flags_come_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    def flags() -> set[str]:
+        chat = build_parser()._subparsers._group_actions[0].choices["chat"]
+        return {option for action in chat._actions for option in action.option_strings}
+
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    assert {f"--{name}" for name in modality.BUILTIN_MODALITIES} <= flags()
+    assert "--depth" not in flags()
+    modality.register_modality("depth")
+    modality.register_modality("temperature")  # a chat option's name: given with --media only
+    assert "--depth" in flags()
+    args = build_parser().parse_args(["chat", "--checkpoint", "ck", "--temperature", "0.5"])
+    assert args.temperature == 0.5
+    assert parse_media(args)["temperature"] == []
+
+
+def test_main_imports_plugins_before_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's modality has its chat flag on the same command line that imports the plugin."""
+    plugin = tmp_path / "sonar_plugin.py"
+    plugin.write_text("from mm_llama import register_modality\n\nregister_modality('sonar')\n")
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    seen: list[dict[str, list[str]]] = []
+    help_text, add_args, _ = COMMANDS["chat"]
+    monkeypatch.setitem(COMMANDS, "chat", (help_text, add_args, lambda args: seen.append(parse_media(args))))
+    try:
+        main(
+            ["chat", "--checkpoint", "ck", "--sonar", "ping.bin", "--plugin", str(plugin), "Anything there?"]
+        )
+    finally:
+        sys.modules.pop("mm_llama_plugin_sonar_plugin", None)
+    assert seen[0]["sonar"] == ["ping.bin"]
+    assert plugin_files(["eval", "--plugin", "a.py", "--task", "toy", "--plugin=b.py"]) == [
+        Path("a.py"),
+        Path("b.py"),
+    ]
+
+
+def test_help_defaults_are_the_library_defaults() -> None:
+    """The light argument definitions state defaults that live in heavy modules; they must agree."""
+    from mm_llama.data import feature_cache, toyworld
+
+    toy = " ".join(cli_args.add_toyworld_args(argparse.ArgumentParser()).format_help().split())
+    for option, value in (
+        ("--n-train", toyworld.DEFAULT_N_TRAIN),
+        ("--n-val", toyworld.DEFAULT_N_VAL),
+        ("--n-test", toyworld.DEFAULT_N_TEST),
+    ):
+        assert re.search(rf"{option} N_\w+ \w+ samples per modality \(default: {value}\)", toy), option
+    assert toyworld.MODALITIES == modality.BUILTIN_MODALITIES  # the --modalities choices
+    cache = " ".join(cli_args.add_cache_args(argparse.ArgumentParser()).format_help().split())
+    assert f"(default: {feature_cache.DEFAULT_BATCH_SIZE})" in cache
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """``mm-llama --help`` and every subcommand's ``--help``: no torch, transformers, ... and no warnings."""
+    script = f"""
+import contextlib, io, sys
+import mm_llama.cli
+parser = mm_llama.cli.build_parser()
+for command in [[], *([name] for name in mm_llama.cli.COMMANDS)]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            parser.parse_args([*command, "--help"])
+        except SystemExit as stop:
+            assert stop.code == 0, command
+    assert "usage: mm-llama" in out.getvalue(), command
+print(sorted(name for name in {HEAVY!r} if name in sys.modules))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"imported by --help: {result.stdout}"
+    assert result.stderr == ""
 
 
 @pytest.mark.parametrize("command", ["train", "chat", "eval", "cache-features", "export", "demo"])

@@ -382,3 +382,27 @@ def write_toy_world(root: Path) -> Path:
     path = root / "instruct_test.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def write_depth_qa(root: Path, answers: dict[str, str] | None = None) -> Path:
+    """A LLaVA-format ``qa.json`` of a plugin modality: two depth maps (``maps/*.npy``), three questions
+    (one with both maps, in a list), and one image question; references from ``answers`` by id."""
+    answers = {"d0": "Near.", "d1": "two boxes", "d01": "The left one.", "i0": "red", **(answers or {})}
+    (root / "maps").mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        np.save(root / "maps" / f"{i}.npy", np.full((6, 8), 1.0 + i, dtype=np.float32))
+    Image.new("RGB", (8, 8), (220, 40, 40)).save(root / "red.png")
+
+    def record(qid: str, key: str, media: str | list[str], question: str) -> dict[str, Any]:
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answers[qid]}]
+        return {"id": qid, key: media, "conversations": turns}
+
+    records = [
+        record("d0", "depth", "maps/0.npy", "<depth>\nIs it near or far?"),
+        record("d1", "depth", "maps/1.npy", "How many boxes are in <depth>?"),
+        record("d01", "depth", ["maps/0.npy", "maps/1.npy"], "<depth> <depth>\nWhich is closer?"),
+        record("i0", "image", "red.png", "<image>\nWhat colour is it?"),
+    ]
+    path = root / "qa.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mm_llama import MultimodalLM
+from mm_llama import MultimodalLM, modality
 from mm_llama.eval import Prediction, Sample, Task, evaluate
 from mm_llama.eval.cli import add_eval_args, run_eval
 from mm_llama.eval.runner import PREDICTIONS_FILE
-from tests.eval.eval_fixtures import write_toy_world, write_vqav2_official
+from tests.eval.eval_fixtures import write_depth_qa, write_toy_world, write_vqav2_official
 
 # Answers of the fake model by question text; see test_vqav2_official_json for why they score 98%.
 VQA_OUTPUTS = {
@@ -39,20 +39,15 @@ class FakeModel:
     def generate(
         self,
         prompts: list[str],
-        images: list[list[Any]] | None = None,
-        audios: list[list[Any]] | None = None,
-        videos: list[list[Any]] | None = None,
-        imus: list[list[Any]] | None = None,
+        *,
+        media: dict[str, list[list[Any]]] | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
     ) -> list[str]:
         self.calls.append(
             {
                 "prompts": list(prompts),
-                "images": images,
-                "audios": audios,
-                "videos": videos,
-                "imus": imus,
+                "media": dict(media or {}),
                 "max_new_tokens": max_new_tokens,
                 "do_sample": do_sample,
             }
@@ -76,8 +71,10 @@ def test_end_to_end_files_and_metrics(tmp_path: Path) -> None:
     # Batches of 2, 2, 1; greedy; the task's answer length; images as one list per prompt; no audio.
     assert [len(c["prompts"]) for c in model.calls] == [2, 2, 1]
     assert all(c["do_sample"] is False and c["max_new_tokens"] == 16 for c in model.calls)
-    assert [Path(p[0]).name for p in model.calls[0]["images"]] == ["COCO_val2014_000000000042.jpg"] * 2
-    assert model.calls[0]["audios"] is None and model.calls[0]["imus"] is None
+    assert [Path(p[0]).name for p in model.calls[0]["media"]["image"]] == [
+        "COCO_val2014_000000000042.jpg"
+    ] * 2
+    assert list(model.calls[0]["media"]) == ["image"]
     lines = [json.loads(line) for line in (out / PREDICTIONS_FILE).read_text().splitlines()]
     assert [line["question_id"] for line in lines] == [1, 2, 3, 4, 5]
     assert lines[0]["prediction"] == "Black."  # stripped
@@ -165,10 +162,23 @@ def test_mixed_modalities_and_no_output_dir(tmp_path: Path) -> None:
     assert metrics["accuracy"] == 100.0
     (call,) = model.calls
     assert call["max_new_tokens"] == 5
-    assert [len(items) for items in call["images"]] == [1, 0]
-    assert [len(items) for items in call["audios"]] == [0, 1]
-    assert call["videos"] is None and call["imus"] is None
+    assert [len(items) for items in call["media"]["image"]] == [1, 0]
+    assert [len(items) for items in call["media"]["audio"]] == [0, 1]
+    assert list(call["media"]) == ["image", "audio"]
     assert not list(tmp_path.glob("**/predictions.jsonl"))
+
+
+def test_plugin_modality_media_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered plugin modality's items reach generate as media={"depth": ...}, one list per prompt."""
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    modality.register_modality("depth")
+    model = FakeModel({"Is it near or far?": "near", "What colour is it?": "Red."})
+    metrics = evaluate(model, "llava_qa", write_depth_qa(tmp_path), batch_size=4, progress=False)
+    assert metrics["accuracy"] == 50.0 and metrics["per_modality"] == {"depth": 100.0 / 3, "image": 100.0}
+    (call,) = model.calls
+    assert list(call["media"]) == ["image", "depth"]  # registry order
+    assert [len(items) for items in call["media"]["depth"]] == [1, 1, 2, 0]
+    assert [len(items) for items in call["media"]["image"]] == [0, 0, 0, 1]
 
 
 class _OneQuestion(Task):

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mm_llama import modality
 from mm_llama.eval import Prediction, Sample, Task, get_task
 from mm_llama.eval.tasks import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 from tests.eval.eval_fixtures import (
     write_clotho_aqa,
+    write_depth_qa,
     write_gqa_official,
     write_gqa_parquet,
     write_mmbench_parquet,
@@ -275,3 +277,56 @@ def test_toy_world_rejects_records_without_conversations(tmp_path: Path) -> None
     path.write_text(json.dumps([{"id": "x", "image": "a.png"}]))
     with pytest.raises(ValueError, match=r"bad.json record 0: missing fields \['conversations'\]"):
         get_task("toy", path)
+
+
+@pytest.fixture
+def depth_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``depth`` registered as a modality for this test only."""
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())
+    modality.register_modality("depth")
+
+
+def test_llava_qa_reads_any_registered_modality(tmp_path: Path, depth_registered: None) -> None:
+    task = get_task("llava_qa", write_depth_qa(tmp_path))
+    assert len(task) == 4
+    d0, d1, d01, i0 = task.load()
+    assert d0 == Sample(
+        question_id="d0",
+        prompt="<depth>\nIs it near or far?",
+        answers=["Near."],
+        media={"depth": [str(tmp_path / "maps" / "0.npy")]},
+        meta={"modalities": ["depth"]},
+    )
+    assert d01.media == {"depth": [str(tmp_path / "maps" / "0.npy"), str(tmp_path / "maps" / "1.npy")]}
+    assert (
+        i0.media == {"image": [str(tmp_path / "red.png")]} and d1.prompt == "How many boxes are in <depth>?"
+    )
+    # the official VQA normalisation: case, end punctuation, number words, articles
+    predictions = answer_all(task, {"d0": "near", "d1": "2 Boxes.", "d01": "the right one", "i0": "Red"})
+    assert task.score(predictions) == {
+        "accuracy": 75.0,
+        "per_modality": {"depth": 100.0 * 2 / 3, "image": 100.0},
+        "scored": 4,
+    }
+
+
+def test_llava_qa_names_an_unregistered_modality(tmp_path: Path) -> None:
+    task = get_task("llava_qa", write_depth_qa(tmp_path))
+    with pytest.raises(
+        ValueError, match=r"record 'd0': the prompt has <depth>.*no modality 'depth'.*--plugin"
+    ):
+        next(iter(task.load()))
+
+
+def test_llava_qa_takes_json_lines_and_needs_a_reference(tmp_path: Path, depth_registered: None) -> None:
+    records = json.loads(write_depth_qa(tmp_path).read_text())
+    lines = tmp_path / "qa.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in records[:2]))
+    assert [s.question_id for s in get_task("llava_qa", lines).load()] == ["d0", "d1"]
+    records[0]["conversations"] = records[0]["conversations"][:1]
+    lines.write_text(json.dumps(records[:1]))
+    with pytest.raises(ValueError, match="record 'd0': no gpt turn after the first human turn"):
+        list(get_task("llava_qa", lines).load())
+    (tmp_path / "maps" / "1.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="record 'd1' depth: file not found"):
+        list(get_task("llava_qa", tmp_path / "qa.json").load())

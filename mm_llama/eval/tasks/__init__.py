@@ -15,6 +15,7 @@ from mm_llama.eval.tasks.base import (
     question_prompt,
 )
 from mm_llama.eval.tasks.choice import MMBenchTask, ScienceQATask
+from mm_llama.eval.tasks.llava import LlavaQATask
 from mm_llama.eval.tasks.toy import ToyWorldTask
 from mm_llama.eval.tasks.vqa import GQATask, TextVQATask, VizWizTask, VQAv2Task
 from mm_llama.eval.tasks.yesno import MMETask, POPETask
@@ -30,6 +31,7 @@ TASKS: dict[str, type[Task]] = {
     "mmbench": MMBenchTask,
     "clotho_aqa": ClothoAQATask,
     "toy": ToyWorldTask,
+    "llava_qa": LlavaQATask,
 }
 
 
@@ -46,6 +48,7 @@ __all__ = [
     "TASKS",
     "ClothoAQATask",
     "GQATask",
+    "LlavaQATask",
     "MMBenchTask",
     "MMETask",
     "POPETask",

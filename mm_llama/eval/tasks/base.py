@@ -11,10 +11,13 @@ and a resumed run scores exactly like an uninterrupted one.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from mm_llama.eval.readers import check_file
+from mm_llama.modality import modalities
 
 QuestionId = int | str
 # A path, encoded bytes, a PIL image, a numpy array or a tensor: whatever model.generate accepts.
@@ -22,7 +25,6 @@ MediaItem = Any
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
-MODALITIES: tuple[str, ...] = ("image", "audio", "video", "imu")
 
 
 @dataclass
@@ -62,6 +64,29 @@ def question_prompt(question: str, markers: Sequence[str], suffix: str | None) -
     """LLaVA's layout: one marker line per media item, the question, then the answer-format line."""
     head = "".join(f"{m}\n" for m in markers)
     return f"{head}{question}\n{suffix}" if suffix else f"{head}{question}"
+
+
+def record_media(record: Mapping[str, Any], prompt: str, root: Path, where: str) -> dict[str, list[str]]:
+    """The media of a LLaVA-format record: for every registered modality with a key in it (``"image"``, or
+    a plugin's ``"depth"``), its path or list of paths, resolved against ``root`` and checked to exist.
+
+    A key whose marker the prompt holds but that no registered modality has (a plugin not imported) raises,
+    rather than leaving the marker as plain text.
+    """
+    known = modalities()
+    for key in record:
+        if key not in known and f"<{key}>" in prompt:
+            raise ValueError(
+                f"{where}: the prompt has <{key}> and the record a {key!r} key, but no modality {key!r} is "
+                f"registered (known: {', '.join(known)}); import its plugin first (--plugin FILE)"
+            )
+    media: dict[str, list[str]] = {}
+    for modality in known:
+        if modality in record:
+            value = record[modality]
+            paths = value if isinstance(value, list) else [value]
+            media[modality] = [str(check_file(root / p, f"{where} {modality}")) for p in paths]
+    return media
 
 
 class Task(ABC):

@@ -1,10 +1,10 @@
 """The toy world: a LLaVA-format JSON list over all modalities (see ``mm_llama.data.toyworld``).
 
-Each record has ``id``, optional ``image`` / ``audio`` / ``video`` / ``imu`` keys holding a path (or a
-list of paths) relative to the JSON's folder, ``conversations`` whose first human turn is the prompt
-(``"<image>\\nWhat colour is the circle?"``), and ``question_type`` / ``answer`` (plus ``choices``). The
-reference is ``answer``, else the first gpt turn. The prompt is used as written: the toy world's answer
-style is learned in training, so no suffix is added.
+Each record has ``id``, optional ``image`` / ``audio`` / ``video`` / ``imu`` keys (any registered
+modality's, a plugin's ``depth`` too) holding a path (or a list of paths) relative to the JSON's folder,
+``conversations`` whose first human turn is the prompt (``"<image>\\nWhat colour is the circle?"``), and
+``question_type`` / ``answer`` (plus ``choices``). The reference is ``answer``, else the first gpt turn.
+The prompt is used as written: the toy world's answer style is learned in training, so no suffix is added.
 
 Scoring: exact match after lower-casing and stripping end punctuation, overall, per question type (with
 the chance level ``1 / len(choices)`` where choices are given) and per modality.
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.eval.metrics import exact_match
-from mm_llama.eval.readers import check_file, read_json, require_fields
-from mm_llama.eval.tasks.base import MODALITIES, Prediction, Sample, Task
+from mm_llama.eval.readers import read_json, require_fields
+from mm_llama.eval.tasks.base import Prediction, Sample, Task, record_media
 
 
 def _percent(hits: Sequence[bool]) -> float:
@@ -56,11 +56,7 @@ class ToyWorldTask(Task):
             answer = record.get("answer", gpt)
             if answer is None:
                 raise ValueError(f"{where}: no 'answer' field and no gpt turn to take the reference from")
-            media: dict[str, list[str]] = {}
-            for modality in MODALITIES:
-                if modality in record:
-                    paths = record[modality] if isinstance(record[modality], list) else [record[modality]]
-                    media[modality] = [str(check_file(self._root / p, f"{where} {modality}")) for p in paths]
+            media = record_media(record, human, self._root, where)
             yield Sample(
                 question_id=record["id"],
                 prompt=human,
