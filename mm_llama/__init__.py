@@ -13,7 +13,8 @@ from mm_llama.modality import register_modality
 
 if TYPE_CHECKING:
     from mm_llama.config import EncoderConfig, LLMConfig, ModalityConfig, ModelConfig, ProjectorConfig
-    from mm_llama.encoders.base import ModalityEncoder
+    from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder
+    from mm_llama.errors import MMInputError
     from mm_llama.model import MultimodalLM
     from mm_llama.processor import MultimodalProcessor
     from mm_llama.projectors.base import Projector
@@ -26,6 +27,8 @@ _LAZY: dict[str, str] = {
     "ModalityConfig": "mm_llama.config",
     "ModelConfig": "mm_llama.config",
     "ProjectorConfig": "mm_llama.config",
+    "MediaPreprocessor": "mm_llama.encoders.base",
+    "MMInputError": "mm_llama.errors",
     "ModalityEncoder": "mm_llama.encoders.base",
     "MultimodalLM": "mm_llama.model",
     "MultimodalProcessor": "mm_llama.processor",
@@ -63,6 +66,8 @@ def register_projector(name: str, cls: type[Projector]) -> type[Projector]:
 __all__ = [
     "EncoderConfig",
     "LLMConfig",
+    "MMInputError",
+    "MediaPreprocessor",
     "ModalityConfig",
     "ModalityEncoder",
     "ModelConfig",

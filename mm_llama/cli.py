@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama import cli_args
+from mm_llama.errors import MMInputError
 from mm_llama.modality import modalities, with_markers
 from mm_llama.plugins import add_plugin_arg, import_plugins
 
@@ -126,6 +127,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Any], Runner]
 def build_parser() -> argparse.ArgumentParser:
     """The ``mm-llama`` parser; ``chat`` gets a flag for each modality registered so far."""
     parser = argparse.ArgumentParser(prog="mm-llama", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an input error (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -143,12 +147,20 @@ def plugin_files(argv: Sequence[str]) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Plugins first: their modalities get their chat flags (--depth) and help lines, and configs and
-    # checkpoints name them. Importing a file twice runs it once.
-    import_plugins(plugin_files(argv))
-    args = build_parser().parse_args(argv)
-    import_plugins(getattr(args, "plugin", []))
-    args.func(args)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        # Plugins first: their modalities get their chat flags (--depth) and help lines, and configs and
+        # checkpoints name them. Importing a file twice runs it once.
+        import_plugins(plugin_files(argv))
+        args = build_parser().parse_args(argv)
+        import_plugins(getattr(args, "plugin", []))
+        args.func(args)
+    except MMInputError as e:  # the user's input: one line and exit code 2 (--debug: the traceback)
+        if debug:
+            raise
+        print(f"mm-llama: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

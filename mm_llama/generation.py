@@ -9,6 +9,7 @@ embeddings with a KV cache.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from transformers import GenerationMixin as HFGenerationMixin
 from transformers.utils import TransformersKwargs
 
 from mm_llama.modality import media_kwarg, media_kwargs
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[dict[str, str]]
 """A user message, or a conversation (role/content turns, the last one the user's) to continue."""
@@ -88,9 +91,13 @@ class GenerationMixin:
                         f"{len(per_batch)} entries"
                     )
                 per_prompt[name] = per_batch[i]
-            examples.append(
-                self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
-            )
+            example = self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
+            if example.dropped_turns:
+                logger.warning(
+                    "prompt %d: its %d oldest turn(s) were left out to fit max_length=%d",
+                    i, example.dropped_turns, self.processor.max_length,
+                )  # fmt: skip
+            examples.append(example)
         return self.processor.collate(examples, padding_side="left")
 
     @torch.no_grad()

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mm_llama.errors import MMInputError
+
 
 def add_plugin_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--plugin FILE`` (repeatable) to ``parser``."""
@@ -42,7 +44,7 @@ def import_plugins(files: Sequence[Path | str]) -> None:
     (same resolved path) is not run again."""
     for file in map(Path, files):
         if not file.is_file():
-            raise FileNotFoundError(f"--plugin: file not found: {file}")
+            raise MMInputError(f"--plugin: file not found: {file}")
         name = f"mm_llama_plugin_{file.stem}"
         loaded = sys.modules.get(name)
         if loaded is not None:

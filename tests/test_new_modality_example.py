@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from mm_llama.config import from_dict
+from mm_llama.errors import MMInputError
 from mm_llama.model_io import CONFIG_FILE, ENCODERS_DIR, PROJECTORS_FILE
 from mm_llama.train.cli import add_train_args, run_train
 from mm_llama.train.config import TrainConfig, load_train_config
@@ -95,7 +96,7 @@ def test_a_missing_plugin_file_is_named(tmp_path: Path) -> None:
     args = add_train_args(argparse.ArgumentParser()).parse_args(
         ["--plugin", str(missing), "--config", str(tmp_path / "train.yaml")]
     )
-    with pytest.raises(FileNotFoundError, match="--plugin: file not found: .*nowhere.py"):
+    with pytest.raises(MMInputError, match="--plugin: file not found: .*nowhere.py"):
         run_train(args)
 
 

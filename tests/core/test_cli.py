@@ -16,6 +16,7 @@ from PIL import Image
 
 from mm_llama import cli_args, modality
 from mm_llama.cli import COMMANDS, build_parser, main, parse_media, plugin_files
+from mm_llama.errors import MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.plugins import import_plugins
 
@@ -164,7 +165,7 @@ def test_a_plugin_runs_once_and_a_broken_one_is_not_kept(tmp_path: Path) -> None
         with pytest.raises(RuntimeError, match="bad plugin"):
             import_plugins([broken])
         assert "mm_llama_plugin_broken_plugin" not in sys.modules
-        with pytest.raises(FileNotFoundError, match="--plugin: file not found"):
+        with pytest.raises(MMInputError, match="--plugin: file not found"):
             import_plugins([tmp_path / "nowhere.py"])
     finally:
         del builtins.mm_llama_test_imports
@@ -192,3 +193,33 @@ def test_interactive_chat_follows_up_on_earlier_turns(
     ]
     second = tiny_model.generate(turns, images=[photo], max_new_tokens=5)
     assert [line.strip() for line in printed[1:]] == [first, second]
+
+
+def test_input_errors_exit_2_with_one_line(tmp_path, capsys) -> None:
+    from mm_llama.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--checkpoint", str(tmp_path / "nowhere"), "What is it?"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mm-llama: error: checkpoint ") and "nowhere" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "eval",
+                "--plugin",
+                str(tmp_path / "missing.py"),
+                "--checkpoint",
+                "x",
+                "--task",
+                "vqav2",
+                "--data",
+                "y",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == f"mm-llama: error: --plugin: file not found: {tmp_path / 'missing.py'}\n"
+    )
+    with pytest.raises(MMInputError):  # --debug: the traceback
+        main(["--debug", "chat", "--checkpoint", str(tmp_path / "nowhere"), "What is it?"])
