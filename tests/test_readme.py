@@ -33,3 +33,17 @@ def test_readme_snippet_runs_verbatim(tmp_path: Path) -> None:
     assert result.stdout.strip(), "generate printed nothing"
     assert (tmp_path / "out" / "mm_llama.yaml").is_file()
     assert (tmp_path / "out" / "projectors.safetensors").is_file()
+    processor_snippet = next(
+        b
+        for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+        if "MultimodalProcessor.from_pretrained" in b
+    )
+    script = (
+        processor_snippet
+        + "\nimport mm_llama.llm, sys\nassert 'transformers.models.llama.modeling_llama' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "proc" / "processor.yaml").is_file()
