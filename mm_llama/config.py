@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from mm_llama.errors import MissingInputError
+
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["none", "nf4"]
@@ -147,6 +151,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return tuple(out) if origin is tuple else out
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ValueError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -193,7 +199,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingInputError(f"config file not found: {path}")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class MMInputError(ValueError):
     """Bad user input: the message names the file / field / prompt, what was expected and what was found."""
+
+
+class MissingInputError(MMInputError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""

@@ -36,7 +36,7 @@ from mm_llama.config import (
     save_config,
 )
 from mm_llama.encoders.base import MediaPreprocessor, build_preprocessor
-from mm_llama.errors import MMInputError
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import check_modality, marker
 from mm_llama.plugins import import_plugins, imported_plugins
 from mm_llama.projectors.base import PROJECTORS
@@ -208,14 +208,14 @@ class MultimodalProcessor:
         (``processor.yaml``, or else the model's ``mm_llama.yaml``, and ``tokenizer/``)."""
         path = Path(path)
         if not (path / TOKENIZER_DIR).is_dir():
-            raise FileNotFoundError(f"{path} holds no saved processor: {TOKENIZER_DIR}/ not found in it")
+            raise MissingInputError(f"{path} holds no saved processor: {TOKENIZER_DIR}/ not found in it")
         if (path / PROCESSOR_FILE).is_file():
             file, data = path / PROCESSOR_FILE, read_mapping(path / PROCESSOR_FILE)
         elif (path / MODEL_CONFIG_FILE).is_file():
             file, data = path / MODEL_CONFIG_FILE, read_mapping(path / MODEL_CONFIG_FILE)
             data = {k: v for k, v in data.items() if k != "llm"}
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path} holds no saved processor: no {PROCESSOR_FILE} or {MODEL_CONFIG_FILE}"
             )
         try:

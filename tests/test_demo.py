@@ -106,7 +106,7 @@ def test_errors_become_chat_messages(model: MultimodalLM, image: np.ndarray, tmp
     bad = tmp_path / "photo.png"
     bad.write_text("not an image")
     unreadable = list(answer(model, "What?", {"image": str(bad)}, [], 4, 0.0))[-1]
-    assert unreadable[-1]["content"].startswith(f"Error: cannot decode image {bad}")
+    assert unreadable[-1]["content"].startswith(f"Error: image {bad}: not an image file that PIL can read")
 
     missing = list(answer(model, "<image> What?", {"image": None}, [], 4, 0.0))[-1]
     assert "1 &lt;image&gt; marker(s) in the text but 0 image input(s)" in missing[-1]["content"]

@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from mm_llama.errors import MMInputError
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import modalities
 from mm_llama.processor import Example, MultimodalProcessor
 
@@ -50,7 +50,7 @@ def load_records(path: str | Path) -> datasets.Dataset:
     """One conversation file as a ``datasets.Dataset``; checks that it has a ``conversations`` column."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingInputError(f"data file not found: {path}")
     builder = LOADERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
@@ -194,7 +194,7 @@ class ConversationDataset(Dataset[Example]):
                     for p in media_paths(columns[key][row], where, key):
                         path = inside_root(self._roots[f], p, where, key)
                         if not path.is_file():
-                            raise FileNotFoundError(
+                            raise MissingInputError(
                                 f"{self.files[f]}: record {rid!r}: {key} file not found: {path} "
                                 f"(media paths are relative to the data root {self._roots[f]})"
                             )

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mm_llama.config import EncoderConfig, build_options
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.registry import Registry
 
 ENCODERS: Registry[type[ModalityEncoder]] = Registry("encoder")
@@ -121,12 +122,14 @@ def read_bytes(item: Any, what: str) -> tuple[bytes, str]:
         return item.read(), f"<{what} file object>"
     if isinstance(item, (str, Path)):
         path = Path(item)
+        if path.is_dir():
+            raise MMInputError(f"{what} {path}: expected a file, found a folder")
         if not path.is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
+            raise MissingInputError(f"{what} file not found: {path}")
         try:
             return path.read_bytes(), str(path)
         except OSError as e:
-            raise ValueError(f"cannot read {what} file {path}: {e}") from e
+            raise MMInputError(f"cannot read {what} file {path}: {e.strerror or e}") from e
     raise TypeError(f"expected a path, bytes or a file object for the {what}, got {type(item).__name__}")
 
 
@@ -134,7 +137,7 @@ def load_weights(module: nn.Module, path: str, what: str) -> None:
     """Load a safetensors state dict (as ``state_dict()`` names it) into ``module``, strictly."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{what}: weights file not found: {file}")
+        raise MissingInputError(f"{what}: weights file not found: {file}")
     try:
         state = load_file(file)
     except Exception as e:  # safetensors raises its own error types for malformed files

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import pickle
 import tempfile
 from abc import abstractmethod
@@ -34,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
 
 from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder, load_weights, read_bytes
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.hub import load_pretrained
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -75,11 +77,38 @@ def load_image(item: Any) -> Image.Image:
         return Image.fromarray(arr).convert("RGB")
     data, name = read_bytes(item, "image")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
+        raise MMInputError(
+            f"image {name}: not an image file that PIL can read (PNG, JPEG, WebP, ...): {type(e).__name__}"
+        ) from e
+    limit = max_image_pixels()
+    if image.width * image.height > limit:
+        raise MMInputError(
+            f"image {name}: {image.width} x {image.height} pixels, more than the limit of {limit:,} "
+            f"(raise it with {MAX_PIXELS_ENV}=N if you mean it; decoding it would take "
+            f"{image.width * image.height * 4 / 2**20:,.0f} MB)"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MMInputError(f"image {name}: the file is damaged or truncated ({e})") from e
     return image.convert("RGB")
+
+
+MAX_PIXELS_ENV = "MM_LLAMA_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Images larger than this (width x height, read from the header) are refused before decoding."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``$MM_LLAMA_MAX_IMAGE_PIXELS`` or ``DEFAULT_MAX_PIXELS``."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise MMInputError(f"{MAX_PIXELS_ENV}: expected a positive whole number of pixels, got {value!r}")
+    return int(value)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
@@ -230,7 +259,7 @@ def local_checkpoint(value: str, field_name: str, where: str) -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         found = "a folder" if path.is_dir() else "nothing"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{where}: options.{field_name} must be an existing local weights file, found {found} at {path}; "
             "this encoder never downloads weights (hub tags and ids are not accepted)"
         )

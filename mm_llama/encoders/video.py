@@ -50,6 +50,7 @@ from mm_llama.encoders.base import (
     build_preprocessor,
     read_bytes,
 )
+from mm_llama.errors import MissingInputError
 
 Sampling = Literal["uniform", "fps"]
 Aggregation = Literal["keep", "mean", "pool"]
@@ -120,7 +121,7 @@ def _source(item: Any) -> tuple[str | bytes, str]:
     if isinstance(item, (str, Path)):
         path = Path(item)
         if not path.is_file():
-            raise FileNotFoundError(f"video file not found: {path}")
+            raise MissingInputError(f"video file not found: {path}")
         return str(path), str(path)
     return read_bytes(item, "video")
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mm_llama.errors import MissingInputError
+
 if TYPE_CHECKING:
     import datasets
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 def read_json(path: Path) -> Any:
     """Parse a JSON file; errors name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingInputError(f"no such file: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -31,7 +33,7 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parse a JSON-lines file (one object per line; blank lines skipped); errors name file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingInputError(f"no such file: {path}")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -46,7 +48,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_json_records(path: Path) -> list[dict[str, Any]]:
     """Objects from a file that is either a JSON list or JSON lines (POPE ships both under ``.json``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingInputError(f"no such file: {path}")
     if path.read_text(encoding="utf-8").lstrip().startswith("["):
         records = read_json(path)
         if not all(isinstance(r, dict) for r in records):
@@ -58,7 +60,7 @@ def read_json_records(path: Path) -> list[dict[str, Any]]:
 def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV file with a header; checks that the ``required`` columns are there."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingInputError(f"no such file: {path}")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -84,10 +86,10 @@ def parquet_files(path: Path) -> list[Path]:
             raise ValueError(f"{path}: expected a .parquet file or a folder of them")
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+        raise MissingInputError(f"no such file or folder: {path}")
     files = sorted(path.rglob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{path}: no .parquet files in this folder (expected the lmms-lab layout)")
+        raise MissingInputError(f"{path}: no .parquet files in this folder (expected the lmms-lab layout)")
     return files
 
 
@@ -124,5 +126,5 @@ def image_item(value: Any, where: str) -> bytes | str:
 def check_file(path: Path, what: str) -> Path:
     """Return ``path`` if it is a file, else raise naming what it was for."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {path} (check the data folder or --media-root)")
+        raise MissingInputError(f"{what}: file not found: {path} (check the data folder or --media-root)")
     return path

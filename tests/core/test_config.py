@@ -67,3 +67,17 @@ def test_register_modality() -> None:
         register_modality("Bad Name")
     with pytest.raises(ValueError, match="unknown modality 'sonar'"):
         marker("sonar")
+
+
+def test_yaml_exponent_numbers_are_floats(tmp_path) -> None:
+    from mm_llama.train.config import load_train_config
+
+    file = tmp_path / "train.yaml"
+    file.write_text(
+        "model: {}\nstages:\n  a: {data: [x.json], lr: 1e-3, projector_lr: 2E-5, weight_decay: .5e+1}\n"
+    )
+    stage = load_train_config(file).stages["a"]
+    assert (stage.lr, stage.projector_lr, stage.weight_decay) == (1e-3, 2e-5, 5.0)
+    file.write_text("model: {}\nstages:\n  a: {data: [x.json], lr: fast}\n")
+    with pytest.raises(ValueError, match=r"stages\.a\.lr: expected float, got str 'fast'"):
+        load_train_config(file)

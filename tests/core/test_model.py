@@ -131,8 +131,28 @@ def test_image_inputs_of_every_kind(tiny_model: MultimodalLM, rgb_image: np.ndar
     with pytest.raises(FileNotFoundError, match="missing.png"):
         tiny_model.generate("<image>", images=[tmp_path / "missing.png"])
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
+    with pytest.raises(MMInputError, match=r"image .*bad\.png: not an image file that PIL can read") as error:
         tiny_model.generate("<image>", images=[tmp_path / "bad.png"])
+    assert "BytesIO" not in str(error.value)
+    with pytest.raises(MMInputError, match=f"image {tmp_path}: expected a file, found a folder"):
+        tiny_model.generate("<image>", images=[tmp_path])
+    Image.new("RGB", (30, 30)).save(tmp_path / "big.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:60])
+    with pytest.raises(MMInputError, match=r"cut\.png: the file is damaged or truncated"):
+        tiny_model.generate("<image>", images=[tmp_path / "cut.png"])
+
+
+def test_the_pixel_limit_is_checked_from_the_header(
+    tiny_model: MultimodalLM, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mm_llama.encoders.image import MAX_PIXELS_ENV
+
+    Image.new("RGB", (300, 200)).save(tmp_path / "wide.png")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "50000")
+    with pytest.raises(MMInputError, match=r"wide\.png: 300 x 200 pixels, more than the limit of 50,000"):
+        tiny_model.generate("<image>", images=[tmp_path / "wide.png"])
+    monkeypatch.setenv(MAX_PIXELS_ENV, "60000")
+    assert isinstance(tiny_model.generate("<image>", images=[tmp_path / "wide.png"], max_new_tokens=2), str)
 
 
 def test_generate_single_batched_and_streaming(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:

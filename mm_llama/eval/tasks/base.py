@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mm_llama.errors import MissingInputError
 from mm_llama.eval.readers import check_file
 from mm_llama.modality import modalities
 
@@ -98,7 +99,7 @@ class Task(ABC):
     def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
         self.data = Path(data)
         if not self.data.exists():
-            raise FileNotFoundError(f"{self.name}: data path does not exist: {self.data}")
+            raise MissingInputError(f"{self.name}: data path does not exist: {self.data}")
         self.media_root = Path(media_root) if media_root is not None else None
 
     @abstractmethod

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mm_llama.errors import MissingInputError
 from mm_llama.eval.metrics import MMEAnswer, mme_scores, pope_metrics
 from mm_llama.eval.readers import (
     check_file,
@@ -55,7 +56,7 @@ class POPETask(Task):
             return
         files = sorted(self.data.glob("*.json*")) if self.data.is_dir() else [self.data]
         if not files:
-            raise FileNotFoundError(f"{self.data}: no POPE .json/.jsonl files (e.g. coco_pope_random.json)")
+            raise MissingInputError(f"{self.data}: no POPE .json/.jsonl files (e.g. coco_pope_random.json)")
         image_dir = self.media_root or (self.data if self.data.is_dir() else self.data.parent)
         for path in files:
             stem = path.name.split(".")[0]
