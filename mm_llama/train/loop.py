@@ -61,8 +61,8 @@ from mm_llama.train.config import (
     stage_grad_accumulation,
     validate_train_config,
 )
-from mm_llama.train.contrastive import ContrastiveAligner
 from mm_llama.train.freeze import set_train_modes
+from mm_llama.train.objectives import build_objective
 from mm_llama.train.report import HISTORY_FILE, LOSS_PLOT_FILE, Reporter, plot_loss, write_history
 from mm_llama.train.stage import build_stage_model, stage_dir, stage_model_config
 
@@ -192,16 +192,7 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
         save_config(cfg, Path(cfg.output_dir) / RUN_CONFIG_FILE)
     model = build_stage_model(cfg, name)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    trainee: torch.nn.Module = model
-    if stage.objective == "contrastive":
-        trainee = ContrastiveAligner(
-            model,
-            stage.contrastive_temperature,
-            stage.contrastive_weighting,
-            stage.contrastive_word_weight,
-            stage.contrastive_match_weight,
-            stage.contrastive_count_weight,
-        )
+    trainee = build_objective(model, stage, f"stages.{name}.loss_terms")
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     unwrapped: MultimodalLM = model
     sharded = is_sharded(unwrapped)  # FSDP: saving gathers the shards, on every process
@@ -412,7 +403,7 @@ def _accumulate_gradients(
                 media=batch["media"],
                 features=batch["features"],
             )
-            if contrastive:  # a scalar: the mean InfoNCE over this micro-batch's samples
+            if contrastive:  # a scalar: the mean loss over this micro-batch's samples
                 summed = out * batch["labels"].shape[0]
             else:
                 summed = out.loss * out.num_label_tokens  # summed over this micro-batch's tokens
