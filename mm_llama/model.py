@@ -9,7 +9,8 @@ Generation lives in :mod:`mm_llama.generation`, checkpoint folders in :mod:`mm_l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from mm_llama.llm import load_llm
 from mm_llama.model_io import CheckpointMixin
 from mm_llama.processor import IGNORE_INDEX, MultimodalProcessor
 from mm_llama.projectors.base import Projector, build_projector
-from mm_llama.projectors.words import WordMixProjector
 
 
 @dataclass
@@ -85,22 +85,39 @@ class MultimodalLM(GenerationMixin, CheckpointMixin, nn.Module):
 
         Items of the same shape run as one batch; variable-size inputs run in groups. With
         ``encoded=True`` the items are precomputed encoder outputs (N_i, D_enc) (a feature cache) and
-        only the projector runs."""
-        return [tokens for tokens, _ in self._encode(modality, items, encoded, word_probs=False)]
+        only the projector runs. Inside :meth:`recording_aux` for ``modality``, the projector runs
+        ``project_with_aux`` and each item's (tokens, aux) is recorded."""
+        record = getattr(self, "_aux_record", None)
+        if record is None or modality not in record:
+            return [tokens for tokens, _ in self._encode(modality, items, encoded, with_aux=False)]
+        pairs = self._encode(modality, items, encoded, with_aux=True)
+        record[modality].extend(pairs)
+        return [tokens for tokens, _ in pairs]
 
-    def encode_words(
+    def encode_with_aux(
         self, modality: str, items: Sequence[torch.Tensor], encoded: bool = False
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Like :meth:`encode` for a ``word_mix`` projector: (tokens (M_i, D_llm), their word
-        distributions (M_i, V + 1)) per item."""
-        if not isinstance(self.projectors[modality], WordMixProjector):
-            raise TypeError(
-                f"the {modality} projector is not a word_mix projector: it has no word distributions"
-            )
-        return self._encode(modality, items, encoded, word_probs=True)  # type: ignore[return-value]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Like :meth:`encode`, through the projector's ``project_with_aux``: (tokens (M_i, D_llm), the
+        item's aux or ``None``) per item (see :mod:`mm_llama.projectors.base`)."""
+        return self._encode(modality, items, encoded, with_aux=True)
+
+    @contextmanager
+    def recording_aux(
+        self, modalities: Collection[str]
+    ) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
+        """While open, :meth:`encode` (and so ``forward``) records the (tokens, aux) of every item of
+        ``modalities`` it projects, in call order, into the dict this yields (modality -> items): how an
+        objective reads projector loss terms from a forward pass."""
+        record: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {m: [] for m in modalities}
+        previous = getattr(self, "_aux_record", None)
+        self._aux_record = record
+        try:
+            yield record
+        finally:
+            self._aux_record = previous
 
     def _encode(
-        self, modality: str, items: Sequence[torch.Tensor], encoded: bool, word_probs: bool
+        self, modality: str, items: Sequence[torch.Tensor], encoded: bool, with_aux: bool
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         encoder: ModalityEncoder = self.encoders[modality]
         projector: Projector = self.projectors[modality]
@@ -112,13 +129,12 @@ class MultimodalLM(GenerationMixin, CheckpointMixin, nn.Module):
             batch = torch.stack([items[i] for i in indices]).to(encoder.device)  # (B, ...)
             features = batch if encoded else encoder(batch)  # (B, N, D_enc)
             x = features.to(next(projector.parameters()).dtype)
-            if word_probs:
-                probs = projector.word_probs(x)  # type: ignore[union-attr]
-                tokens, probs_of = projector.mix(probs), list(probs)  # type: ignore[union-attr]
+            if with_aux:
+                tokens, aux = projector.project_with_aux(x)  # (B, M, D_llm), (B, ...) or None
             else:
-                tokens, probs_of = projector(x), [None] * len(indices)  # (B, M, D_llm)
+                tokens, aux = projector(x), None
             for j, i in enumerate(indices):
-                out[i] = (tokens[j], probs_of[j])
+                out[i] = (tokens[j], aux[j] if aux is not None else None)
         return out  # type: ignore[return-value]
 
     def embed(

@@ -1,6 +1,7 @@
 """Explicit name -> class registries with exact keys.
 
-Each swappable kind (encoders, projectors) has one visible registry. Lookups use exact keys; an unknown
+Each swappable kind (encoders, projectors, the contrastive objective's loss terms) has one visible
+registry. Lookups use exact keys; an unknown
 key raises a ``ValueError`` that lists the valid choices, and registering a key twice raises too.
 Plugins add their own classes with :meth:`Registry.register` from their own files.
 """
@@ -43,7 +44,12 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` pairs in registration order (built-ins first, then what plugins added)."""
+        return list(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -1,26 +1,25 @@
 """``word_mix``: every media token is a mixture of the LLM's own word embeddings (or of "no word").
 
 Per encoder token, an MLP writes K distributions over a vocabulary of V caption words plus a null
-entry, and each output token is ``probs @ [word embeddings; null]``: a grid cell becomes "large",
-"red", "circle", then nulls, tokens the frozen LLM already reads as words, so it copies and compares
-them the way it does text. (On the toy world, a frozen SmolLM2-135M given free ``mlp2x_gelu`` tokens
-still named the shapes and colours near chance after 150 stage-1 caption steps, 35% and 34% right,
-though a linear probe read 96% of the cells' shapes from the same features; given ``word_mix`` tokens,
-its captions after 50 steps held 45% of the image's shape and colour words with 0.3 wrong words per
-caption.) The idea is old: LQAE and SPAE quantize images onto a frozen LLM's vocabulary, Ovis writes
-probabilistic visual tokens as mixtures of an embedding table.
+entry, and each output token is ``probs @ [word embeddings; null]``: tokens the frozen LLM reads as
+words. (LQAE and SPAE quantize images onto a frozen LLM's vocabulary; Ovis writes probabilistic visual
+tokens as mixtures of an embedding table. How this projector made the quickstart's image questions
+learnable: docs/quickstart_learning.md.)
 
-The vocabulary is data, not configuration: the V most frequent tokens of the caption replies of the
-first stage that trains the projector (:func:`mm_llama.train.stage.anchor_word_projectors` calls
-:meth:`WordMixProjector.anchor`); the ids and their embedding rows are buffers, saved and loaded with
-the projector. The contrastive stage's word-count term (``contrastive_count_weight``) then teaches the
-distributions: for each sample and vocabulary word, the probability mass of its tokens must equal how
-often the caption holds the word, so an empty cell's tokens learn the null entry.
+Hooks (see :mod:`mm_llama.projectors.base`):
+
+- ``prepare``: the vocabulary is data, not configuration. The first stage that builds the projector
+  without one sets it to the V tokens found in the replies of the most records holding the modality
+  (:func:`caption_vocabulary`), with their rows of the LLM's input embedding table; the ids and rows
+  are buffers, saved and loaded with the projector, so later stages keep them.
+- ``word_count`` loss term: for each sample and vocabulary word, the probability mass its tokens give
+  the word must equal how many times its caption holds it (:func:`word_count_loss`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mm_llama.projectors.base import Projector
+from mm_llama.projectors.base import AuxBatch, Projector, ProjectorContext
 
 
 @dataclass
@@ -47,6 +46,7 @@ class WordMixProjector(Projector):
     """(B, N, D_enc) -> (B, N * K, D_llm), each token a convex mixture of V word embeddings and a null."""
 
     Options = WordMixOptions
+    LOSS_TERMS = ("word_count",)
 
     def __init__(self, in_dim: int, out_dim: int, options: WordMixOptions) -> None:
         super().__init__(in_dim, out_dim, options)
@@ -106,6 +106,60 @@ class WordMixProjector(Projector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.word_probs(x))
 
+    # ---- hooks -----------------------------------------------------------------------------------------
+    def prepare(self, context: ProjectorContext) -> None:
+        """Anchor the vocabulary on the stage's replies, unless it is set already (loaded with the
+        weights); a stage without records of this modality leaves it for a later one."""
+        if self.anchored:
+            return
+        ids = caption_vocabulary(context.replies(), context.tokenizer, self.options.vocab_size)
+        if not ids:
+            return
+        self.anchor(ids, context.input_embeddings)
+        words = [context.tokenizer.decode([i]) for i in ids]
+        context.log(f"{context.modality} projector vocabulary ({len(ids)} words): {words}")
+
+    def project_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens, and their word distributions (B, M, V + 1) as the aux."""
+        probs = self.word_probs(x)
+        return self.mix(probs), probs
+
+    def loss_terms(self, batch: AuxBatch) -> dict[str, torch.Tensor]:
+        return {"word_count": word_count_loss(batch.aux, self.word_ids, batch.caption_ids)}
+
     @classmethod
     def count_tokens(cls, options: Any, n: int) -> int:
         return n * options.tokens_per_feature
+
+
+def caption_vocabulary(replies: Iterable[list[str]], tokenizer: Any, size: int) -> list[int]:
+    """The ``size`` token ids that the most records hold in their replies (document frequency, ties by id;
+    special tokens excluded); ``replies``: one list of reply strings per record, joined by spaces before
+    tokenizing. [] when there are none."""
+    special = set(tokenizer.all_special_ids)
+    df: Counter[int] = Counter()
+    for record in replies:
+        ids = tokenizer(" ".join(record), add_special_tokens=False)["input_ids"]
+        df.update(set(ids) - special)
+    return [i for i, _ in sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def word_count_loss(
+    probs: list[torch.Tensor], word_ids: torch.Tensor, caption_ids: torch.Tensor
+) -> torch.Tensor:
+    """Idf-weighted mean squared error between how much probability a sample's media tokens give each
+    vocabulary word and how many times its caption holds the word.
+
+    Every unit of mass on a word the caption lacks costs as much as a missing one, so tokens that cannot
+    tell (an empty grid cell) take the null entry rather than a common word. Idf is over these samples:
+    log((1 + S) / (1 + samples whose caption holds the word)), so a word in every caption weighs 0.
+    ``probs``: S x (M_s, V + 1) word distributions; ``word_ids`` (V,) the vocabulary (-1: unused);
+    ``caption_ids`` (S, L), -1 padded."""
+    used = word_ids >= 0  # (V,)
+    hits = (caption_ids.unsqueeze(-1) == word_ids.view(1, 1, -1)) & used & (caption_ids >= 0).unsqueeze(-1)
+    counts = hits.float().sum(1)  # (S, V) occurrences of each word in each caption
+    rows = caption_ids.shape[0]
+    idf = torch.log((1.0 + rows) / (1.0 + (counts > 0).float().sum(0))) * used  # (V,)
+    mass = torch.stack([p[:, : len(word_ids)].sum(0) for p in probs])  # (S, V)
+    weights = idf.unsqueeze(0).expand_as(mass)
+    return (weights * (mass - counts) ** 2).sum() / weights.sum().clamp(min=1e-8)

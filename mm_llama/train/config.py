@@ -8,13 +8,16 @@ frozen / full / LoRA / QLoRA) and the optimisation hyperparameters. YAML layout:
     seed: 42
     model: {llm: {...}, modalities: {image: {encoder: {...}, projector: {...}}}}
     stages:
+      pretrain: {data: [...], objective: contrastive, contrastive: {temperature: 0.07},
+                 loss_terms: {word_match: 0.5}, train_encoders: all, ...}
       align:    {data: [...], template: plain, llm: frozen, lr: 1.0e-3, batch_size: 256, ...}
       instruct: {data: [...], template: chat,  llm: qlora, lr: 2.0e-4, projector_lr: 2.0e-5,
                  init_from: align, lora: {r: 128, alpha: 256}, ...}
 
 Loading is strict (unknown fields, wrong types and values outside a ``Literal`` raise ``ValueError``
-naming the file and the dotted field); :func:`validate_train_config` also checks cross-field rules and
-that every encoder / projector type is registered with valid options, before any weights load.
+naming the file and the dotted field); :func:`validate_train_config` also checks cross-field rules,
+that every encoder / projector type is registered with valid options, and each stage's ``loss_terms``
+(names the objective or the model's projectors know, weights >= 0), before any weights load.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ class LoraSettings:
 
 
 @dataclass
+class ContrastiveOptions:
+    """Settings of the ``contrastive`` objective."""
+
+    temperature: float = 0.07
+    """Softmax temperature of its InfoNCE and caption-word pieces."""
+    weighting: Literal["idf", "uniform"] = "idf"
+    """How a caption's word embeddings are pooled: ``idf`` weighs each word by its inverse document
+    frequency in the micro-batch (words all captions share count for nothing), ``uniform`` is the plain
+    mean."""
+
+
+@dataclass
 class StageConfig:
     """One training stage: its data, what trains, and how."""
 
@@ -55,28 +70,18 @@ class StageConfig:
     """Conversation files (LLaVA JSON, JSON lines or parquet), relative to the working directory."""
     objective: Objective = "lm"
     """``lm``: next-token loss on the assistant replies (LLaVA's stages). ``contrastive``: ImageBind-style
-    InfoNCE between each record's media (mean projected token) and its caption (the mean of its
-    frozen LLM input embeddings), to pretrain encoders built from scratch cheaply before ``lm`` stages; see
-    ``mm_llama.train.contrastive``."""
-    contrastive_temperature: float = 0.07
-    """Softmax temperature of the contrastive objective."""
-    contrastive_weighting: Literal["idf", "uniform"] = "idf"
-    """How the contrastive objective pools a caption's word embeddings: ``idf`` weighs each word by its
-    inverse document frequency in the batch (words all captions share count for nothing), ``uniform``
-    is the plain mean."""
-    contrastive_word_weight: float = 1.0
-    """Weight of the contrastive stage's caption-word term: each sample's projected tokens must name every
-    (weighted) word of its caption among the batch's caption words, so no attribute is left out because
-    others already tell the samples apart (0 turns it off)."""
-    contrastive_match_weight: float = 0.0
-    """Weight of the contrastive stage's word-match term: each (weighted) caption word pulls the media token
-    closest to it onto its input embedding (1 - cosine), so media tokens become word-like (a grid cell
-    spelled as "red", "circle", "small"); use with a projector that writes several tokens per feature
-    (``mlp2x_gelu`` with ``tokens_per_feature``). 0 turns it off."""
-    contrastive_count_weight: float = 0.0
-    """Weight of the contrastive stage's word-count term, for modalities with a ``word_mix`` projector:
-    the probability a sample's tokens give each vocabulary word must match how often its caption holds
-    it (``mm_llama.train.contrastive.word_count_loss``). 0 turns it off."""
+    alignment of each record's media (its projected tokens) to its caption (the frozen LLM's input
+    embeddings of it), with no LLM forward pass; needs ``llm: frozen`` (see
+    ``mm_llama.train.contrastive``)."""
+    contrastive: ContrastiveOptions = field(default_factory=ContrastiveOptions)
+    """Settings of the ``contrastive`` objective (its term weights are in ``loss_terms``)."""
+    loss_terms: dict[str, float] = field(default_factory=dict)
+    """Weights of named loss terms, over the defaults (a term of weight 0 is not computed): for
+    ``contrastive``, its pieces ``infonce`` (1), ``caption_words`` (1), ``word_match`` (0),
+    ``token_scale`` (1) and any registered in ``mm_llama.train.losses.CONTRASTIVE_TERMS``; for either
+    objective, the terms the model's projectors declare (``Projector.LOSS_TERMS``, e.g. ``word_count``
+    of ``word_mix``; default 0), each applied to every projector that declares it. E.g.
+    ``{word_count: 3.0}``."""
     only: list[str] | None = None
     """Train on the records whose media are all of these modalities (``None``: every record), e.g. a
     stage that pretrains one encoder on its captions out of a mixed caption file."""
@@ -179,6 +184,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Cross-field checks, and encoder / projector types and options against the registries."""
     from mm_llama.encoders import ENCODERS
     from mm_llama.projectors import PROJECTORS
+    from mm_llama.train.losses import loss_weights
 
     if not cfg.stages:
         raise ValueError("stages: expected at least one stage (e.g. align, instruct), got none")
@@ -189,6 +195,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
         build_options(
             projector_cls.Options, spec.projector.options, f"model.modalities.{name}.projector.options"
         )
+    projector_terms = [
+        t for spec in cfg.model.modalities.values() for t in PROJECTORS.get(spec.projector.type).LOSS_TERMS
+    ]
     names = list(cfg.stages)
     for i, (name, stage) in enumerate(cfg.stages.items()):
         where = f"stages.{name}"
@@ -223,13 +232,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
                 f"{where}.only: expected modalities of the model ({', '.join(cfg.model.modalities)}), "
                 f"got {stage.only}"
             )
-        for field_name in ("contrastive_word_weight", "contrastive_match_weight", "contrastive_count_weight"):
-            if getattr(stage, field_name) < 0:
-                raise ValueError(f"{where}.{field_name}: expected >= 0, got {getattr(stage, field_name)}")
-        if stage.contrastive_temperature <= 0:
+        if stage.contrastive.temperature <= 0:
             raise ValueError(
-                f"{where}.contrastive_temperature: expected > 0, got {stage.contrastive_temperature}"
+                f"{where}.contrastive.temperature: expected > 0, got {stage.contrastive.temperature}"
             )
+        loss_weights(stage.objective, stage.loss_terms, projector_terms, f"{where}.loss_terms")
         if stage.init_from in names and names.index(stage.init_from) >= i:
             raise ValueError(
                 f"{where}.init_from: stage {stage.init_from!r} does not run before {name!r}; "

@@ -3,15 +3,17 @@
 The model is rebuilt for every stage from ``TrainConfig.model`` with the stage's template and maximum
 length (and the LLM in 4 bits for ``qlora``), seeded so that the same config always builds the same
 weights. ``init_from`` then loads a saved model's projectors and trained encoders (stage 2 starts from
-stage 1's projectors), LoRA adapters are added, and :func:`~mm_llama.train.freeze.freeze_for_stage`
+stage 1's projectors), every projector's ``prepare`` hook runs (e.g. ``word_mix`` takes its vocabulary
+from the stage's captions), LoRA adapters are added, and :func:`~mm_llama.train.freeze.freeze_for_stage`
 decides what trains.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -22,7 +24,7 @@ from mm_llama.data.dataset import CONVERSATIONS_KEY, ConversationDataset
 from mm_llama.model import MultimodalLM
 from mm_llama.model_io import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE
 from mm_llama.processor import normalize_messages
-from mm_llama.projectors.words import WordMixProjector
+from mm_llama.projectors.base import ProjectorContext
 from mm_llama.train.config import StageConfig, TrainConfig
 from mm_llama.train.freeze import freeze_for_stage
 from mm_llama.train.lora import add_lora, enable_gradient_checkpointing
@@ -66,36 +68,35 @@ def load_saved_parts(model: MultimodalLM, path: Path) -> None:
     )
 
 
-def caption_vocabulary(model: MultimodalLM, stage: StageConfig, modality: str, size: int) -> list[int]:
-    """The ``size`` LLM token ids that the most records with ``modality`` media hold in their assistant
-    replies (document frequency, ties by id), for a ``word_mix`` projector; [] when no record has it."""
+def stage_replies(model: MultimodalLM, stage: StageConfig, modality: str) -> Iterator[list[str]]:
+    """The assistant replies of each record of the stage's data that holds ``modality`` media, one list
+    per record in data order (every record of the data files, whatever the stage's ``only``)."""
     dataset = ConversationDataset(stage.data, model.processor, data_root=stage.data_root, check_media=False)
-    special = set(model.tokenizer.all_special_ids)
-    df: Counter[int] = Counter()
     for i in range(len(dataset)):
         if modality not in dataset.media(i):
             continue
-        replies = [
-            m["content"]
-            for m in normalize_messages(dataset.record(i)[CONVERSATIONS_KEY], dataset.where(i))
-            if m["role"] == "assistant"
-        ]
-        ids = model.tokenizer(" ".join(replies), add_special_tokens=False)["input_ids"]
-        df.update(set(ids) - special)
-    return [i for i, _ in sorted(df.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+        messages = normalize_messages(dataset.record(i)[CONVERSATIONS_KEY], dataset.where(i))
+        yield [m["content"] for m in messages if m["role"] == "assistant"]
 
 
-def anchor_word_projectors(model: MultimodalLM, stage: StageConfig, name: str) -> None:
-    """Give every ``word_mix`` projector without a vocabulary the stage's caption vocabulary."""
+def prepare_projectors(model: MultimodalLM, stage: StageConfig, name: str) -> None:
+    """Call every projector's ``prepare`` hook with the stage's context (the data is read only if a hook
+    iterates ``context.replies()``)."""
+    embeddings = model.llm.get_input_embeddings()
     for modality, projector in model.projectors.items():
-        if not isinstance(projector, WordMixProjector) or projector.anchored:
-            continue
-        ids = caption_vocabulary(model, stage, modality, projector.options.vocab_size)
-        if not ids:
-            continue  # this stage has no such records; a later one anchors it
-        projector.anchor(ids, model.llm.get_input_embeddings())
-        words = [model.tokenizer.decode([i]) for i in ids]
-        logger.info("stages.%s: %s projector vocabulary (%d words): %s", name, modality, len(ids), words)
+        context = ProjectorContext(
+            modality=modality,
+            stage=name,
+            tokenizer=model.tokenizer,
+            input_embeddings=embeddings,
+            read_replies=partial(stage_replies, model, stage, modality),
+            log=partial(_log_for_stage, name),
+        )
+        projector.prepare(context)
+
+
+def _log_for_stage(name: str, message: str) -> None:
+    logger.info("stages.%s: %s", name, message)
 
 
 def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
@@ -107,7 +108,7 @@ def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
     adapter = init / ADAPTER_DIR if init is not None and (init / ADAPTER_DIR).is_dir() else None
     if init is not None:
         load_saved_parts(model, init)
-    anchor_word_projectors(model, stage, name)
+    prepare_projectors(model, stage, name)
     if stage.gradient_checkpointing and stage.llm != "qlora":
         enable_gradient_checkpointing(model)
     if stage.llm in ("lora", "qlora"):

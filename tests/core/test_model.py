@@ -105,6 +105,27 @@ def test_forward_loss_matches_full_logits(tiny_model: MultimodalLM, rgb_image: n
     assert out.num_label_tokens == int((targets != IGNORE_INDEX).sum())
 
 
+def test_encode_with_aux_and_recording_aux(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
+    x = tiny_model.encoders["image"].preprocess(rgb_image)
+    with torch.no_grad():
+        features = tiny_model.encoders["image"](x[None])[0]  # (N, D_enc)
+        items = [features, features[:4], features]  # two shapes: two groups, back in input order
+        plain = tiny_model.encode("image", items, encoded=True)
+        pairs = tiny_model.encode_with_aux("image", items, encoded=True)  # mlp2x_gelu: default hook, no aux
+        assert [t.shape[0] for t in plain] == [N_IMAGE_TOKENS, 4, N_IMAGE_TOKENS]
+        assert all(torch.equal(t, p) and a is None for t, (p, a) in zip(plain, pairs))
+        conversation = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Red."}]
+        batch = tiny_model.processor.collate([tiny_model.processor(conversation, {"image": [rgb_image]})] * 2)
+        with tiny_model.recording_aux(["image"]) as record:
+            out = tiny_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        assert [t.shape[0] for t, _ in record["image"]] == [N_IMAGE_TOKENS] * 2  # the forward pass's items
+        with tiny_model.recording_aux(["audio"]) as other:
+            again = tiny_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        assert other == {"audio": []} and torch.equal(out.loss, again.loss)
+        tiny_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        assert len(record["image"]) == 2  # closed: nothing more is recorded
+
+
 def test_right_padding_does_not_change_logits(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:
     short = tiny_model.processor("<image> a", {"image": [rgb_image]})
     long = tiny_model.processor("<image> a much longer question than the first one", {"image": [rgb_image]})

@@ -17,9 +17,10 @@ from mm_llama import EncoderConfig, ModalityConfig, ModelConfig, MultimodalLM, P
 from mm_llama.encoders import ENCODERS
 from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.projectors import PROJECTORS, build_projector
+from mm_llama.projectors.base import AuxBatch, ProjectorContext
 from mm_llama.projectors.pool import PoolProjector
 from mm_llama.projectors.resampler import ResamplerProjector
-from mm_llama.projectors.words import WordMixProjector
+from mm_llama.projectors.words import WordMixProjector, caption_vocabulary, word_count_loss
 from tests.conftest import TINY_CLIP, tiny_llm_config
 
 D_IN = 24
@@ -318,6 +319,93 @@ def test_word_mix_vocabulary_is_saved_with_the_projector(tmp_path) -> None:
         )
         got = loaded(batch["input_ids"], batch["attention_mask"], media=batch["media"], return_logits=True)
     torch.testing.assert_close(got.logits, expected.logits)
+
+
+def context(
+    replies: list[list[str]], tokenizer: Any, table: torch.nn.Embedding, log: list[str]
+) -> ProjectorContext:
+    """A prepare context over fixed replies; counts how often they are read into ``log``."""
+
+    def read() -> Any:
+        log.append("read")
+        yield from replies
+
+    return ProjectorContext("image", "pre", tokenizer, table, read, log.append)
+
+
+def test_the_hooks_do_nothing_by_default(shared_llm: tuple[Any, Any]) -> None:
+    llm, tokenizer = shared_llm
+    torch.manual_seed(SEED)
+    projector = build_projector("image", ProjectorConfig(type="mlp2x_gelu"), D_IN, D_OUT)
+    before = {k: v.clone() for k, v in projector.state_dict().items()}
+    log: list[str] = []
+    projector.prepare(context([["a red circle"]], tokenizer, llm.get_input_embeddings(), log))
+    assert log == []  # the replies were never read
+    assert all(torch.equal(before[k], v) for k, v in projector.state_dict().items())
+    x = torch.randn(2, 4, D_IN)
+    tokens, aux = projector.project_with_aux(x)
+    torch.testing.assert_close(tokens, projector(x))
+    assert aux is None and projector.LOSS_TERMS == ()
+    assert projector.loss_terms(AuxBatch([], torch.zeros(0, 1, dtype=torch.long))) == {}
+
+
+def test_word_mix_prepare_anchors_on_the_replies_once(shared_llm: tuple[Any, Any]) -> None:
+    llm, tokenizer = shared_llm
+    table = llm.get_input_embeddings()
+    projector = word_mix(vocab_size=4)
+    replies = [["a red circle", "yes"], ["a blue circle"], ["two red squares"]]
+    log: list[str] = []
+    projector.prepare(context(replies, tokenizer, table, log))
+    ids = caption_vocabulary(replies, tokenizer, 4)
+    assert len(ids) == 4 and projector.word_ids.tolist() == ids
+    words = [tokenizer.decode([i]) for i in ids]
+    assert {" red", " circle", "a"} <= set(words)  # in 2 or 3 of the 3 records: the most frequent
+    assert log == ["read", f"image projector vocabulary (4 words): {words}"]
+    torch.testing.assert_close(projector.word_embeds, table.weight[ids].detach())
+    projector.prepare(context([["other words entirely"]], tokenizer, table, log))  # anchored: kept
+    assert projector.word_ids.tolist() == ids and log[2:] == []
+    fresh = word_mix(vocab_size=4)
+    fresh.prepare(context([], tokenizer, table, log))  # no records of its modality: left for a later stage
+    assert not fresh.anchored
+
+
+def test_word_mix_word_count_term_reads_its_word_distributions(shared_llm: tuple[Any, Any]) -> None:
+    llm, _ = shared_llm
+    projector = word_mix(vocab_size=4)
+    projector.anchor([5, 9, 11, 20], llm.get_input_embeddings())
+    x = torch.randn(2, 3, D_IN)
+    tokens, probs = projector.project_with_aux(x)
+    torch.testing.assert_close(tokens, projector(x))
+    torch.testing.assert_close(probs, projector.word_probs(x))
+    assert projector.LOSS_TERMS == ("word_count",)
+    captions = torch.tensor([[5, 9, 9], [11, -1, -1]])
+    terms = projector.loss_terms(AuxBatch(list(probs), captions))
+    assert list(terms) == ["word_count"]
+    torch.testing.assert_close(
+        terms["word_count"], word_count_loss(list(probs), projector.word_ids, captions)
+    )
+
+
+def test_word_count_wants_each_caption_word_once_and_absent_words_never() -> None:
+    word_ids = torch.tensor([3, 4, 5, 6, -1])  # vocabulary of 4 words, one unused slot
+    caption_ids = torch.tensor([[3, 4, 4, 9], [3, 5, -1, -1], [3, 6, -1, -1]])  # 3 is in every caption
+    exact = torch.zeros(3, 5, 6)  # per sample: 5 tokens over 5 slots + null
+    exact[0, [0, 1, 2], [0, 1, 1]] = 1.0  # "3", "4", "4"
+    exact[1, [0, 1], [0, 2]] = 1.0
+    exact[2, [0, 1], [0, 3]] = 1.0
+    exact[0, 3:, 5] = exact[1, 2:, 5] = exact[2, 2:, 5] = 1.0  # the rest: null
+    assert word_count_loss(list(exact), word_ids, caption_ids).item() == pytest.approx(0.0)
+    hedging = exact.clone()  # a null token of sample 1 says "6" (absent there): costs
+    hedging[1, 4] = 0.0
+    hedging[1, 4, 3] = 1.0
+    assert word_count_loss(list(hedging), word_ids, caption_ids).item() > 0.1
+    no_shared = exact.clone()  # dropping the word every caption holds costs nothing (idf 0)
+    no_shared[:, 0] = 0.0
+    no_shared[:, 0, 5] = 1.0
+    assert word_count_loss(list(no_shared), word_ids, caption_ids).item() == pytest.approx(0.0)
+    probs = torch.softmax(torch.randn(3, 5, 6), -1).requires_grad_()
+    word_count_loss(list(probs), word_ids, caption_ids).backward()
+    assert probs.grad is not None and probs.grad[..., 4].abs().sum() == 0  # the unused slot has no say
 
 
 def test_resampler_and_pool_checkpoint_round_trip(tmp_path) -> None:

@@ -20,8 +20,8 @@ import accelerate
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import mm_llama.train.loop as loop
-from mm_llama.train import StepInfo
+import mm_llama.train.accel as accel
+from mm_llama.train import StepInfo, train
 from mm_llama.train.config import load_train_config
 
 
@@ -50,9 +50,9 @@ def main() -> None:
         if info.step == args.crash_at:
             raise CrashAt(f"stopped at step {info.step}")
 
-    loop.Accelerator = FSDPOnCPU  # type: ignore[misc]
+    accel.Accelerator = FSDPOnCPU  # type: ignore[misc]
     try:
-        loop.train(load_train_config(args.config), on_step=on_step)
+        train(load_train_config(args.config), on_step=on_step)
     except CrashAt:
         raise SystemExit(3) from None
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mm_llama.config import ProjectorConfig
 from mm_llama.train.config import (
+    ContrastiveOptions,
     TrainConfig,
     load_train_config,
     stage_grad_accumulation,
@@ -105,12 +107,62 @@ def test_only_and_contrastive_settings_are_checked(tmp_path: Path) -> None:
             validate_train_config(cfg)
     validate_train_config(tiny_train_config(tmp_path, {"align": align_stage(data, only=["image"])}))
     cfg = tiny_train_config(
-        tmp_path, {"pre": align_stage(data, objective="contrastive", contrastive_word_weight=-1.0)}
+        tmp_path, {"pre": align_stage(data, objective="contrastive", contrastive=ContrastiveOptions(0.0))}
     )
-    with pytest.raises(ValueError, match=r"stages\.pre\.contrastive_word_weight: expected >= 0"):
+    with pytest.raises(ValueError, match=r"stages\.pre\.contrastive\.temperature: expected > 0, got 0.0"):
         validate_train_config(cfg)
-    cfg = tiny_train_config(
-        tmp_path, {"pre": align_stage(data, objective="contrastive", contrastive_match_weight=-0.5)}
+
+
+def contrastive_with(data: dict[str, Path], **loss_terms: float) -> TrainConfig:
+    stage = align_stage(data, objective="contrastive", loss_terms=loss_terms)
+    return tiny_train_config(Path("unused"), {"pre": stage})
+
+
+def test_loss_terms_are_checked_by_name_and_weight(tmp_path: Path) -> None:
+    data = {"align": tmp_path / "a.json", "instruct": tmp_path / "i.json"}
+    validate_train_config(contrastive_with(data, word_match=0.5, infonce=0.0))
+    with pytest.raises(
+        ValueError,
+        match=r"stages\.pre\.loss_terms: unknown loss term 'word_count' for objective contrastive; "
+        r"valid names: infonce, caption_words, word_match, token_scale$",
+    ):  # mlp2x_gelu adds no term: word_count is word_mix's
+        validate_train_config(contrastive_with(data, word_count=1.0))
+    with pytest.raises(
+        ValueError, match=r"stages\.pre\.loss_terms\.caption_words: expected a weight >= 0, got -1"
+    ):
+        validate_train_config(contrastive_with(data, caption_words=-1.0))
+    with pytest.raises(ValueError, match=r"stages\.pre\.loss_terms: every loss term has weight 0"):
+        validate_train_config(contrastive_with(data, infonce=0.0, caption_words=0.0, token_scale=0.0))
+    cfg = contrastive_with(data, word_count=3.0)
+    cfg.model.modalities["image"].projector = ProjectorConfig(type="word_mix")
+    validate_train_config(cfg)  # a term of the model's projectors
+    lm = tiny_train_config(tmp_path, {"align": align_stage(data, loss_terms={"infonce": 1.0})})
+    with pytest.raises(
+        ValueError,
+        match=r"stages\.align\.loss_terms: unknown loss term 'infonce' for objective lm; valid names: none",
+    ):
+        validate_train_config(lm)
+    lm.model.modalities["image"].projector = ProjectorConfig(type="word_mix")
+    lm.stages["align"].loss_terms = {"word_count": 1.0}
+    validate_train_config(lm)
+
+
+def test_loss_terms_load_from_yaml(tmp_path: Path) -> None:
+    text = (PRESETS_DIR / "quickstart.yaml").read_text()
+    cfg = load_train_config(PRESETS_DIR / "quickstart.yaml")
+    stage = cfg.stages["pretrain_image"]
+    assert stage.loss_terms == {"word_count": 3.0} and stage.contrastive == ContrastiveOptions(0.07, "idf")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        text.replace("loss_terms: {word_count: 3.0}", "loss_terms: {word_count: 3.0, wordcount: 1}")
     )
-    with pytest.raises(ValueError, match=r"stages\.pre\.contrastive_match_weight: expected >= 0, got -0.5"):
-        validate_train_config(cfg)
+    with pytest.raises(
+        ValueError, match=r"bad\.yaml: stages\.pretrain_image\.loss_terms: unknown loss term 'wordcount'"
+    ):
+        load_train_config(bad)
+    bad.write_text(text.replace("loss_terms: {word_count: 3.0}", "contrastive: {temperature: 0.1, tau: 1}"))
+    with pytest.raises(ValueError, match=r"stages\.pretrain_image\.contrastive: unknown field\(s\) 'tau'"):
+        load_train_config(bad)
+    bad.write_text(text.replace("loss_terms: {word_count: 3.0}", "contrastive_count_weight: 3.0"))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'contrastive_count_weight'"):
+        load_train_config(bad)

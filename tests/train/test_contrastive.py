@@ -10,16 +10,12 @@ import torch
 
 from mm_llama.config import ProjectorConfig
 from mm_llama.data.dataset import ConversationDataset
+from mm_llama.projectors.words import caption_vocabulary, word_count_loss
 from mm_llama.train import StepInfo, build_stage_model, train
 from mm_llama.train.config import validate_train_config
-from mm_llama.train.contrastive import (
-    ContrastiveAligner,
-    _same_rows,
-    caption_word_loss,
-    word_count_loss,
-    word_match_loss,
-)
-from mm_llama.train.stage import caption_vocabulary
+from mm_llama.train.contrastive import ContrastiveAligner
+from mm_llama.train.losses import _same_rows, caption_word_loss, word_match_loss
+from mm_llama.train.stage import stage_replies
 from tests.train.conftest import align_stage, tiny_train_config
 from tests.train.test_train import changed_keys, losses, snapshot
 
@@ -85,7 +81,7 @@ def test_identical_captions_are_positives(colour_world: dict[str, Path]) -> None
         inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "media": batch["media"]}
         tokens = aligner.media_tokens(batch["input_ids"], batch["media"], {})
         match = word_match_loss(tokens, model.llm.get_input_embeddings()(ids.clamp(min=0)), weights)
-        with_match = ContrastiveAligner(model, temperature=0.07, match_weight=0.5)(**inputs)
+        with_match = ContrastiveAligner(model, temperature=0.07, terms={"word_match": 0.5})(**inputs)
         torch.testing.assert_close(with_match, aligner(**inputs) + 0.5 * match)
 
 
@@ -149,58 +145,35 @@ def test_word_match_pulls_the_closest_token_onto_each_word() -> None:
     assert tokens[1].grad[closest].abs().sum() > 0 and tokens[1].grad[1 - closest].abs().sum() == 0
 
 
-def test_word_count_wants_each_caption_word_once_and_absent_words_never() -> None:
-    word_ids = torch.tensor([3, 4, 5, 6, -1])  # vocabulary of 4 words, one unused slot
-    caption_ids = torch.tensor([[3, 4, 4, 9], [3, 5, -1, -1], [3, 6, -1, -1]])  # 3 is in every caption
-    exact = torch.zeros(3, 5, 6)  # per sample: 5 tokens over 5 slots + null
-    exact[0, [0, 1, 2], [0, 1, 1]] = 1.0  # "3", "4", "4"
-    exact[1, [0, 1], [0, 2]] = 1.0
-    exact[2, [0, 1], [0, 3]] = 1.0
-    exact[0, 3:, 5] = exact[1, 2:, 5] = exact[2, 2:, 5] = 1.0  # the rest: null
-    assert word_count_loss(list(exact), word_ids, caption_ids).item() == pytest.approx(0.0)
-    hedging = exact.clone()  # a null token of sample 1 says "6" (absent there): costs
-    hedging[1, 4] = 0.0
-    hedging[1, 4, 3] = 1.0
-    assert word_count_loss(list(hedging), word_ids, caption_ids).item() > 0.1
-    no_shared = exact.clone()  # dropping the word every caption holds costs nothing (idf 0)
-    no_shared[:, 0] = 0.0
-    no_shared[:, 0, 5] = 1.0
-    assert word_count_loss(list(no_shared), word_ids, caption_ids).item() == pytest.approx(0.0)
-    probs = torch.softmax(torch.randn(3, 5, 6), -1).requires_grad_()
-    word_count_loss(list(probs), word_ids, caption_ids).backward()
-    assert probs.grad is not None and probs.grad[..., 4].abs().sum() == 0  # the unused slot has no say
-
-
-def test_word_mix_vocabulary_comes_from_the_captions_and_the_count_term_trains_it(
+def test_word_mix_vocabulary_comes_from_the_captions_and_its_count_term_trains_it(
     tmp_path: Path, colour_world: dict[str, Path]
 ) -> None:
     stage = align_stage(
         colour_world,
         objective="contrastive",
         train_encoders="all",
-        contrastive_count_weight=2.0,
+        loss_terms={"word_count": 2.0},
         batch_size=8,
         micro_batch_size=8,
         max_steps=1,
     )
     cfg = tiny_train_config(tmp_path / "run", {"pretrain": stage})
     cfg.model.modalities["image"].projector = ProjectorConfig(type="word_mix", options={"vocab_size": 16})
-    model = build_stage_model(cfg, "pretrain")  # anchors the projector on the stage's captions
+    model = build_stage_model(cfg, "pretrain")  # its prepare hook anchors it on the stage's captions
     tokenizer = model.tokenizer
     projector = model.projectors["image"]
     words = {tokenizer.decode([i]) for i in projector.word_ids.tolist() if i >= 0}
     assert {"a", " red", " green", " blue", " yellow", " picture"} <= words
-    assert projector.word_ids.tolist() == caption_vocabulary(model, stage, "image", 16) + [-1] * (
-        16 - len(words)
-    )
-    assert caption_vocabulary(model, stage, "audio", 16) == []  # no audio records
-    aligner = ContrastiveAligner(model, temperature=0.07, count_weight=2.0)
+    vocabulary = caption_vocabulary(stage_replies(model, stage, "image"), tokenizer, 16)
+    assert projector.word_ids.tolist() == vocabulary + [-1] * (16 - len(words))
+    assert list(stage_replies(model, stage, "audio")) == []  # no audio records
+    aligner = ContrastiveAligner(model, temperature=0.07, terms={"word_count": 2.0})
     dataset = ConversationDataset(stage.data, model.processor)
     batch = model.processor.collate([dataset[i] for i in range(4)])
     inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "media": batch["media"]}
     with torch.no_grad():
         ids, _ = aligner.captions(batch["labels"])
-        pairs = model.encode_words("image", batch["media"]["image"])
+        pairs = model.encode_with_aux("image", batch["media"]["image"])
         count = word_count_loss([p for _, p in pairs], projector.word_ids, ids)
         without = ContrastiveAligner(model, temperature=0.07)(**inputs)
         torch.testing.assert_close(aligner(**inputs), without + 2.0 * count)

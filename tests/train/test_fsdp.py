@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from mm_llama.config import save_config
 from mm_llama.model_io import ADAPTER_DIR, LLM_DIR, PROJECTORS_FILE
 from mm_llama.train import train
+from mm_llama.train.accel import check_distributed
 from mm_llama.train.checkpoint import STATE_FILE, TRAINABLE_FILE, list_checkpoints
 from mm_llama.train.config import LoraSettings
-from mm_llama.train.loop import check_distributed
 from tests.train.conftest import align_stage, instruct_stage, tiny_train_config
 from tests.train.test_ddp import LAUNCH_TIMEOUT_S, REPO, free_port
 

@@ -1,0 +1,167 @@
+"""Pins the contrastive objective and the ``word_mix`` vocabulary to the numbers of the code before the
+objective became named loss terms and the projectors got hooks (commit 6b5ce0e; this file passed there
+with that commit's API, then moved to today's: ``contrastive_*_weight`` -> ``loss_terms`` / ``terms``,
+``mm_llama.train.stage.caption_vocabulary(model, stage, ...)`` -> ``word_mix``'s ``prepare`` hook and
+``caption_vocabulary(replies, tokenizer, size)``).
+
+How the numbers were made: at commit 6b5ce0e, on the tiny models of tests/train/conftest.py (one thread,
+as the ``one_thread`` fixture sets), with the set-ups below, the old API gave them::
+
+    model = build_stage_model(cfg, "pretrain")                 # anchors word_mix on the captions
+    ContrastiveAligner(model, temperature=0.07, **kw)(**inputs).item()
+        kw = {}                                                  -> 5.990213871002197
+        kw = temperature=0.1, word_weight=0.7, match_weight=0.5,
+             count_weight=2.0                                    -> 42.130393981933594
+        kw = weighting="uniform", count_weight=3.0               -> 62.41022491455078
+        kw = word_weight=0.0                                     -> 3.3956828117370605
+    train(cfg) on {pretrain: contrastive_count_weight=2.0, contrastive_match_weight=0.3, 3 steps,
+                   align: lm, init_from pretrain, 2 steps}: the losses of train_log.json below
+    caption_vocabulary(model, stage, "image", 8 / 100) on vocabulary_records(): the ids below, and the
+    log line of the anchoring
+
+If one of these moves, the losses, the order of random draws, the vocabulary anchoring or the order in
+which parameters are created changed, and the quickstart's table would move with it.
+
+The tolerance is relative: today the projector terms (``word_count``) are added after the objective's
+pieces, where the old code added its count term before the token-scale term, so a loss *value* may
+differ in its last bit (62.41022491455078 -> 62.41022872924805 above, 6e-8); the gradients do not (the
+gradient of a sum does not depend on its order): the stages' weights, AdamW state and RNG state came out
+bit-identical to the old code's (their safetensors compared equal), and so do the ``align`` losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mm_llama.config import ProjectorConfig
+from mm_llama.data.dataset import ConversationDataset
+from mm_llama.projectors.words import caption_vocabulary
+from mm_llama.train import build_stage_model, train
+from mm_llama.train.config import TrainConfig
+from mm_llama.train.contrastive import ContrastiveAligner
+from mm_llama.train.report import HISTORY_FILE
+from mm_llama.train.stage import stage_replies
+from tests.train.conftest import align_stage, tiny_train_config
+
+TOLERANCE = 1e-6
+
+PINNED_LOSSES: list[tuple[dict[str, Any], float]] = [  # ContrastiveAligner settings (today's API), loss
+    ({"temperature": 0.07}, 5.990213871002197),
+    (
+        {"temperature": 0.1, "terms": {"caption_words": 0.7, "word_match": 0.5, "word_count": 2.0}},
+        42.130393981933594,
+    ),
+    ({"temperature": 0.07, "weighting": "uniform", "terms": {"word_count": 3.0}}, 62.41022491455078),
+    ({"temperature": 0.07, "terms": {"caption_words": 0.0}}, 3.3956828117370605),
+]
+PINNED_HISTORY = {
+    "pretrain": [41.3222770690918, 38.89551544189453, 21.01798439025879],
+    "align": [10.833780288696289, 10.775056838989258],
+}
+PINNED_COLOUR_VOCABULARY = [81, 4177, 2382, 2654, 4461, 5724]  # a, red, green, blue, yellow, picture
+PINNED_VOCABULARY_8 = [81, 1165, 2382, 4461, 7842, 28, 253, 284]
+PINNED_VOCABULARY_ALL = PINNED_VOCABULARY_8 + [
+    787,
+    1466,
+    1507,
+    1535,
+    2049,
+    2654,
+    5222,
+    11355,
+    14973,
+    16207,
+    22694,
+]
+PINNED_LOG = (
+    "stages.pretrain: image projector vocabulary (8 words): "
+    "['a', ' small', ' red', ' blue', ' circle', ',', ' a', ' and']"
+)
+
+
+def word_mix_config(world: dict[str, Path], out: Path) -> TrainConfig:
+    pretrain = align_stage(
+        world,
+        objective="contrastive",
+        train_encoders="all",
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=3,
+        loss_terms={"word_count": 2.0, "word_match": 0.3},
+    )
+    cfg = tiny_train_config(
+        out, {"pretrain": pretrain, "align": align_stage(world, init_from="pretrain", max_steps=2)}
+    )
+    cfg.model.modalities["image"].projector = ProjectorConfig(
+        type="word_mix", options={"vocab_size": 16, "tokens_per_feature": 2}
+    )
+    return cfg
+
+
+def test_contrastive_losses_equal_the_old_code(tmp_path: Path, colour_world: dict[str, Path]) -> None:
+    cfg = word_mix_config(colour_world, tmp_path / "run")
+    model = build_stage_model(cfg, "pretrain")
+    assert model.projectors["image"].word_ids.tolist()[:6] == PINNED_COLOUR_VOCABULARY
+    dataset = ConversationDataset(cfg.stages["pretrain"].data, model.processor)
+    batch = model.processor.collate([dataset[i] for i in range(8)])
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "media": batch["media"]}
+    with torch.no_grad():
+        for settings, expected in PINNED_LOSSES:
+            loss = ContrastiveAligner(model, **settings)(**inputs).item()
+            assert loss == pytest.approx(expected, rel=TOLERANCE, abs=TOLERANCE), settings
+
+
+def test_training_losses_equal_the_old_code(tmp_path: Path, colour_world: dict[str, Path]) -> None:
+    cfg = word_mix_config(colour_world, tmp_path / "run")
+    train(cfg)
+    for name, expected in PINNED_HISTORY.items():
+        history = json.loads((tmp_path / "run" / name / HISTORY_FILE).read_text())["loss"]
+        assert history == pytest.approx(expected, rel=TOLERANCE, abs=TOLERANCE), name
+
+
+def vocabulary_records() -> list[dict[str, Any]]:
+    """Multi-turn image records, ties between words, and a text-only record (not counted)."""
+
+    def record(i: int, turns: list[tuple[str, str]], image: bool = True) -> dict[str, Any]:
+        rec: dict[str, Any] = {"id": str(i), "conversations": []}
+        if image:
+            rec["image"] = f"img{i}.png"
+        for question, answer in turns:
+            rec["conversations"] += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return rec
+
+    return [
+        record(
+            0,
+            [
+                ("<image>\nWhat is it?", "a large red circle and a small blue square"),
+                ("Any triangles?", "no triangles here"),
+            ],
+        ),
+        record(1, [("<image>", "a small green triangle")]),
+        record(2, [("<image>", "two red squares, top left")]),
+        record(3, [("Where is the red circle?", "the red circle is everywhere, red red red")], image=False),
+        record(4, [("<image>", "a blue circle")]),
+    ]
+
+
+def test_word_mix_vocabulary_equals_the_old_code(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "vocab.json"
+    data.write_text(json.dumps(vocabulary_records()))
+    stage = align_stage({"align": data}, objective="contrastive")
+    cfg = tiny_train_config(tmp_path / "run", {"pretrain": stage})
+    cfg.model.modalities["image"].projector = ProjectorConfig(type="word_mix", options={"vocab_size": 8})
+    with caplog.at_level(logging.INFO):
+        model = build_stage_model(cfg, "pretrain")
+    assert model.projectors["image"].word_ids.tolist() == PINNED_VOCABULARY_8
+    assert [(r.name, r.getMessage()) for r in caplog.records if "vocabulary" in r.getMessage()] == [
+        ("mm_llama.train.stage", PINNED_LOG)
+    ]
+    replies = stage_replies(model, stage, "image")
+    assert caption_vocabulary(replies, model.tokenizer, 100) == PINNED_VOCABULARY_ALL
