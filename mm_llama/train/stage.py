@@ -21,6 +21,7 @@ from peft import PeftModel
 
 from mm_llama.config import ModelConfig
 from mm_llama.data.dataset import CONVERSATIONS_KEY, ConversationDataset
+from mm_llama.errors import MissingInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.model_io import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE
 from mm_llama.processor import normalize_messages
@@ -52,7 +53,7 @@ def resolve_init_from(cfg: TrainConfig, name: str) -> Path | None:
         return None
     path = stage_dir(cfg, init) if init in cfg.stages else Path(init)
     if not (path / PROJECTORS_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"stages.{name}.init_from: {path} is not a saved model ({PROJECTORS_FILE} not found); "
             "train the earlier stage first or fix the path"
         )
