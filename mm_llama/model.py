@@ -24,7 +24,7 @@ import mm_llama.projectors  # noqa: F401  (registers the built-in projectors)
 from mm_llama.config import ModelConfig, from_dict, load_config
 from mm_llama.encoders.base import ModalityEncoder, build_encoder
 from mm_llama.generation import GenerationMixin
-from mm_llama.llm import load_llm
+from mm_llama.llm import load_llm, load_tokenizer
 from mm_llama.model_io import CheckpointMixin
 from mm_llama.processor import IGNORE_INDEX, MultimodalProcessor
 from mm_llama.projectors.base import Projector, build_projector
@@ -51,9 +51,11 @@ class MultimodalLM(GenerationMixin, CheckpointMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.llm)
+        vocab_size = len(tokenizer)  # a random LLM (llm.from_config) is sized before the marker tokens
         self.processor = MultimodalProcessor.from_config(config, tokenizer)
         self.tokenizer = self.processor.tokenizer
-        self.llm = llm if llm is not None else load_llm(config.llm, vocab_size=len(self.tokenizer))
+        self.llm = llm if llm is not None else load_llm(config.llm, vocab_size=vocab_size)
         hidden = int(self.llm.get_input_embeddings().embedding_dim)
         self.encoders = nn.ModuleDict()
         self.projectors = nn.ModuleDict()

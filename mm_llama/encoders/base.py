@@ -71,7 +71,7 @@ class ModalityEncoder(nn.Module, ABC):
     def __init__(self, options: Any) -> None:
         super().__init__()
         self.options = options
-        self.preprocessor = preprocessor_class(type(self))(options)
+        self.preprocessor = make_preprocessor(type(self), options)
 
     @property
     @abstractmethod
@@ -174,6 +174,14 @@ def pre_norm_transformer(width: int, heads: int, depth: int) -> nn.TransformerEn
     return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
 
+def make_preprocessor(cls: type[ModalityEncoder], options: Any) -> MediaPreprocessor:
+    """``cls.Preprocessor(options)``, without drawing from the global random generators: a preprocessor
+    may build a weightless model to count tokens, and a processor (or an encoder's own preprocessor)
+    must not change the weights that a seeded model build gives."""
+    with torch.random.fork_rng(devices=[]):
+        return preprocessor_class(cls)(options)
+
+
 def preprocessor_class(cls: type[ModalityEncoder]) -> type[MediaPreprocessor]:
     """``cls.Preprocessor``, or a ``TypeError`` that says what an encoder class lacks."""
     preprocessor = getattr(cls, "Preprocessor", None)
@@ -189,7 +197,7 @@ def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
     """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
     cls = ENCODERS.get(cfg.type)
     options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
-    return preprocessor_class(cls)(options)
+    return make_preprocessor(cls, options)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:

@@ -256,3 +256,10 @@ def test_a_question_that_cannot_fit_is_refused_by_name(rgb_image) -> None:
             add_generation_prompt=True,
             where="chat turn 2",
         )
+
+
+def test_building_a_processor_draws_no_random_numbers() -> None:
+    """A seeded model build gives the same weights whether or not processors were built first."""
+    state = torch.random.get_rng_state()
+    MultimodalProcessor.from_config(tiny_config())
+    assert torch.equal(torch.random.get_rng_state(), state)
