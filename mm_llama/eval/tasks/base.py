@@ -114,6 +114,14 @@ class Task(ABC):
     def score(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
         """Metrics over the given predictions (percentages in [0, 100] unless the key says otherwise)."""
 
+    def data_files(self) -> list[Path]:
+        """Every file the task reads its questions and answers from (not the media), for the run's content
+        hash: ``data`` itself, or for a folder every file under it in sorted order. A task that reads files
+        beside ``data`` (VQAv2's annotations) or only some of a folder's (POPE's JSON) says so here."""
+        if self.data.is_file():
+            return [self.data]
+        return sorted(p for p in self.data.rglob("*") if p.is_file())
+
     def results_files(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
         """Files for an official evaluation server or script: relative name -> JSON object or text."""
         return {}

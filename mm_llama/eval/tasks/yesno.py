@@ -49,6 +49,7 @@ class POPETask(Task):
         super().__init__(data, media_root)
         self._parquet = None
         self._official: list[tuple[str, dict[str, Any], str]] = []
+        self._files: list[Path] = []
         if _is_parquet(self.data):
             self._parquet = read_parquet(
                 parquet_files(self.data), ["question_id", "question", "answer", "image"]
@@ -57,6 +58,7 @@ class POPETask(Task):
         files = sorted(self.data.glob("*.json*")) if self.data.is_dir() else [self.data]
         if not files:
             raise MissingInputError(f"{self.data}: no POPE .json/.jsonl files (e.g. coco_pope_random.json)")
+        self._files = files
         image_dir = self.media_root or (self.data if self.data.is_dir() else self.data.parent)
         for path in files:
             stem = path.name.split(".")[0]
@@ -68,6 +70,10 @@ class POPETask(Task):
 
     def __len__(self) -> int:
         return len(self._parquet) if self._parquet is not None else len(self._official)
+
+    def data_files(self) -> list[Path]:
+        """The question files only: the images may sit in the same folder."""
+        return self._files or super().data_files()
 
     def load(self) -> Iterator[Sample]:
         if self._parquet is not None:
