@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mm_llama.errors import MissingInputError
-from mm_llama.eval.readers import check_file
+from mm_llama.eval.readers import media_path
 from mm_llama.modality import modalities
 
 QuestionId = int | str
@@ -69,7 +69,8 @@ def question_prompt(question: str, markers: Sequence[str], suffix: str | None) -
 
 def record_media(record: Mapping[str, Any], prompt: str, root: Path, where: str) -> dict[str, list[str]]:
     """The media of a LLaVA-format record: for every registered modality with a key in it (``"image"``, or
-    a plugin's ``"depth"``), its path or list of paths, resolved against ``root`` and checked to exist.
+    a plugin's ``"depth"``), its path or list of paths, resolved against ``root``, checked to stay inside it (no ``../``, absolute
+    paths or symlinks out) and to exist.
 
     A key whose marker the prompt holds but that no registered modality has (a plugin not imported) raises,
     rather than leaving the marker as plain text.
@@ -86,7 +87,7 @@ def record_media(record: Mapping[str, Any], prompt: str, root: Path, where: str)
         if modality in record:
             value = record[modality]
             paths = value if isinstance(value, list) else [value]
-            media[modality] = [str(check_file(root / p, f"{where} {modality}")) for p in paths]
+            media[modality] = [str(media_path(root, p, where, modality)) for p in paths]
     return media
 
 

@@ -32,6 +32,7 @@ from mm_llama.eval.metrics import evalai_normalize, evalai_vqa_accuracy, gqa_exa
 from mm_llama.eval.readers import (
     check_file,
     image_item,
+    media_path,
     parquet_files,
     read_json,
     read_parquet,
@@ -240,7 +241,7 @@ class GQATask(Task):
         if self._official is not None:
             for qid, q in self._official:
                 require_fields(q, ["imageId", "question", "answer"], f"{self.data} question {qid}")
-                image = check_file(self._image_dir / f"{q['imageId']}.jpg", f"GQA question {qid}")
+                image = media_path(self._image_dir, f"{q['imageId']}.jpg", f"GQA question {qid}", "imageId")
                 prompt = question_prompt(q["question"], ["<image>"], SHORT_ANSWER_PROMPT)
                 yield Sample(qid, prompt, [q["answer"]], {"image": [str(image)]})
             return

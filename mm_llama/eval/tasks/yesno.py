@@ -23,8 +23,8 @@ from typing import Any
 from mm_llama.errors import MissingInputError
 from mm_llama.eval.metrics import MMEAnswer, mme_scores, pope_metrics
 from mm_llama.eval.readers import (
-    check_file,
     image_item,
+    media_path,
     parquet_files,
     read_json_records,
     read_parquet,
@@ -66,7 +66,8 @@ class POPETask(Task):
             for i, record in enumerate(read_json_records(path)):
                 require_fields(record, ["question_id", "image", "text", "label"], f"{path} line {i + 1}")
                 category = file_category or str(record.get("category", "default"))
-                self._official.append((category, record, str(image_dir / record["image"])))
+                self._official.append((category, record, str(record["image"])))
+        self._image_dir = image_dir
 
     def __len__(self) -> int:
         return len(self._parquet) if self._parquet is not None else len(self._official)
@@ -94,7 +95,7 @@ class POPETask(Task):
                 question_id=qid,
                 prompt=question_prompt(record["text"], ["<image>"], SHORT_ANSWER_PROMPT),
                 answers=[record["label"]],
-                media={"image": [str(check_file(Path(image), f"POPE question {qid}"))]},
+                media={"image": [str(media_path(self._image_dir, image, f"POPE question {qid}", "image"))]},
                 meta={"category": category},
             )
 
