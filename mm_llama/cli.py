@@ -10,9 +10,11 @@ when their subcommand runs, so ``mm-llama --help`` and every ``mm-llama SUBCOMMA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,30 @@ def check_media_files(media: dict[str, list[str]]) -> None:
                 load_image(file)
 
 
+@contextlib.contextmanager
+def notices() -> Iterator[None]:
+    """While it lasts, warnings of mm_llama's loggers (e.g. an audio file longer than the encoder reads)
+    are printed to stderr as ``mm-llama: note: ...`` lines, whatever logging is configured."""
+    log = logging.getLogger("mm_llama")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("mm-llama: note: %(message)s"))
+    propagate = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
 def _run_chat(args: argparse.Namespace) -> None:
+    with notices():
+        _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> None:
     from mm_llama.model import MultimodalLM
 
     media = parse_media(args)
