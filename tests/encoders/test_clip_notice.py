@@ -69,9 +69,7 @@ def test_chat_prints_the_clipping_notice(tmp_path: Path, capsys: pytest.CaptureF
     )
     config = tiny_config()
     config.modalities["audio"] = audio
-    checkpoint = MultimodalLM(config).save_pretrained(
-        tmp_path / "ckpt", copy_llm=True
-    )
+    checkpoint = MultimodalLM(config).save_pretrained(tmp_path / "ckpt", copy_llm=True)
     path, _ = long_wav(tmp_path / "talk.wav", 2.5)
     main(["chat", "--checkpoint", str(checkpoint), "--audio", str(path), "--max-new-tokens", "2", "What?"])
     err = capsys.readouterr().err
