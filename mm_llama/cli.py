@@ -10,14 +10,16 @@ when their subcommand runs, so ``mm-llama --help`` and every ``mm-llama SUBCOMMA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from mm_llama import cli_args
-from mm_llama.errors import MMInputError
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import modalities, with_markers
 from mm_llama.plugins import add_plugin_arg, import_plugins
 
@@ -42,10 +44,55 @@ def parse_media(args: argparse.Namespace) -> dict[str, list[str]]:
     return media
 
 
+def check_media_files(media: dict[str, list[str]]) -> None:
+    """Every given media path exists and is a readable file, and an image's header (and pixels) decode,
+    before any checkpoint is loaded: a typo costs no model load. Raises ``MMInputError`` naming the flag."""
+    for name, paths in media.items():
+        for path in paths:
+            file = Path(path)
+            if not file.exists():
+                raise MissingInputError(f"--{name} {path}: file not found")
+            if not file.is_file():
+                raise MMInputError(f"--{name} {path}: expected a file, found a folder or a special file")
+            try:
+                with file.open("rb"):
+                    pass
+            except OSError as e:
+                raise MMInputError(f"--{name} {path}: cannot read it ({e.strerror or e})") from e
+            if name == "image":
+                from mm_llama.encoders.image import load_image  # raises MMInputError naming the file
+
+                load_image(file)
+
+
+@contextlib.contextmanager
+def notices() -> Iterator[None]:
+    """While it lasts, warnings of mm_llama's loggers (e.g. an audio file longer than the encoder reads)
+    are printed to stderr as ``mm-llama: note: ...`` lines, whatever logging is configured."""
+    log = logging.getLogger("mm_llama")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("mm-llama: note: %(message)s"))
+    propagate = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
 def _run_chat(args: argparse.Namespace) -> None:
+    with notices():
+        _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> None:
     from mm_llama.model import MultimodalLM
 
     media = parse_media(args)
+    check_media_files(media)
     model = MultimodalLM.from_pretrained(args.checkpoint).eval()
     sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
 

@@ -10,21 +10,58 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import GenerationConfig, TextIteratorStreamer
 from transformers import GenerationMixin as HFGenerationMixin
 from transformers.utils import TransformersKwargs
 
+from mm_llama.errors import MMInputError
 from mm_llama.modality import media_kwarg, media_kwargs
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[dict[str, str]]
 """A user message, or a conversation (role/content turns, the last one the user's) to continue."""
+
+
+ITEM_TYPES = (str, bytes, bytearray, os.PathLike, np.ndarray, torch.Tensor, Image.Image)
+"""Media inputs that are one item (a path, encoded bytes, an array or tensor, a PIL image), never a list of
+items: iterating one would give characters, bytes or rows."""
+
+
+def _is_item(value: Any) -> bool:
+    return isinstance(value, ITEM_TYPES) or not isinstance(value, Sequence)
+
+
+def one_prompt_media(name: str, value: Any) -> list[Any]:
+    """One prompt's items for modality ``name``: a list (or tuple) of items as given; a bare item (a path
+    string, ``Path``, bytes, an array or tensor, a PIL image) is that one item."""
+    if isinstance(value, ITEM_TYPES):
+        return [value]
+    if not isinstance(value, Sequence):
+        raise MMInputError(
+            f"{media_kwarg(name)}= must be a list of {name} items (or one item), got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def check_batch_media(name: str, value: Any, prompts: int) -> None:
+    """Several prompts: ``value`` must hold one list of items per prompt (``[[a], [b, c], []]``)."""
+    example = "e.g. [[a], [b]]" if prompts == 2 else "e.g. [[a], [b], ...]"
+    head = f"{media_kwarg(name)}= for {prompts} prompts must hold one list per prompt, {example}"
+    if _is_item(value):
+        raise MMInputError(f"{head}; got a single {type(value).__name__}")
+    if any(_is_item(entry) for entry in value):
+        raise MMInputError(f"{head}; got a flat list of items")
+    if len(value) != prompts:
+        raise MMInputError(f"{head}; got {len(value)} lists")
 
 
 class GenerationMixin:
@@ -82,14 +119,11 @@ class GenerationMixin:
         """Tokenize prompts (strings or conversations) for generation, left-padded; ``media[m][i]`` holds
         prompt i's items."""
         examples = []
+        for name, per_batch in media.items():
+            check_batch_media(name, per_batch, len(prompts))
         for i, prompt in enumerate(prompts):
             per_prompt = {}
             for name, per_batch in media.items():
-                if len(per_batch) != len(prompts):
-                    raise ValueError(
-                        f"{media_kwarg(name)}= must hold one list per prompt: {len(prompts)} prompts, "
-                        f"{len(per_batch)} entries"
-                    )
                 per_prompt[name] = per_batch[i]
             example = self.processor(prompt, per_prompt, add_generation_prompt=True, where=f"prompt {i}")
             if example.dropped_turns:
@@ -122,10 +156,11 @@ class GenerationMixin:
         Media go in ``media={"image": [...], "depth": [...]}`` keyed by modality name, or as the keyword
         ``<name>s=`` of any registered modality: ``images=``, ``audios=``, ``videos=``, ``imus=``, and a
         plugin's, e.g. ``depths=`` once ``depth`` is registered (``mm_llama.modality.media_kwarg``). One
-        prompt: each modality's value is the flat list of items for its markers, in order of appearance;
-        returns a string, or with ``stream=True`` an iterator of text pieces. Several prompts (a list of
-        them): each modality's value holds one list per prompt; returns a list of strings (batched,
-        left-padded). Greedy by default; ``do_sample=True`` samples with ``temperature`` / ``top_p``.
+        prompt: each modality's value is the flat list of items for its markers, in order of appearance (a
+        bare item, e.g. ``images="a.png"`` or one array, is taken as that one item); returns a string, or
+        with ``stream=True`` an iterator of text pieces. Several prompts (a list of them): each modality's
+        value holds one list per prompt (``images=[[a], [b, c], []]``; a flat list of items raises
+        ``MMInputError``); returns a list of strings (batched, left-padded). Greedy by default; ``do_sample=True`` samples with ``temperature`` / ``top_p``.
 
         Other keyword arguments go to transformers' ``generate`` (``num_beams=``, ``repetition_penalty=``,
         ...). A keyword ending in ``s`` that is neither a registered modality's nor one transformers knows
@@ -136,7 +171,7 @@ class GenerationMixin:
         merged, generate_kwargs = self._split_kwargs(media, kwargs)
         if single:
             prompt_list = [prompts]
-            merged = {name: [list(items)] for name, items in merged.items()}
+            merged = {name: [one_prompt_media(name, items)] for name, items in merged.items()}
         else:
             prompt_list = list(prompts)
             if stream:

@@ -23,6 +23,7 @@ mean and std as AST and ImageBind do) for the built-in encoder.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from mm_llama.encoders.base import (
     read_bytes,
 )
 from mm_llama.hub import load_pretrained
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 """Whisper's and the fbank encoder's sample rate (Hz)."""
@@ -188,13 +191,51 @@ def _check_rate(rate: Any, name: str) -> int:
 
 
 # ---- shared helpers (the IMU encoders use them too) -----------------------------------------------------
-def split_windows(x: torch.Tensor, window: int, chunk: bool, max_chunks: int) -> list[torch.Tensor]:
+_NOTICED: set[tuple[str, int, int]] = set()
+"""(input name, its length, the length kept) already said: one notice per input per process."""
+
+
+def clip_notice(name: str, total: int, kept: int, chunk: bool, rate: float | None = None) -> None:
+    """Log (once per input and length per process) that the encoder reads only ``kept`` of ``total``
+    samples of ``name``; in seconds when the ``rate`` is known. Only a notice: the tensors are unchanged."""
+    key = (name, total, kept)
+    if key in _NOTICED:
+        return
+    _NOTICED.add(key)
+    hint = "raise max_chunks to read more" if chunk else "set chunk: true / max_seconds to read more"
+    if rate:
+        logger.warning(
+            "%s: %.1f s, the encoder reads the first %.1f s (%s)", name, total / rate, kept / rate, hint
+        )
+    else:
+        logger.warning("%s: %d samples, the encoder reads the first %d (%s)", name, total, kept, hint)
+
+
+def split_windows(
+    x: torch.Tensor,
+    window: int,
+    chunk: bool,
+    max_chunks: int,
+    name: str = "windowed input (e.g. IMU)",
+    rate: float | None = None,
+) -> list[torch.Tensor]:
     """The long-input policy along the last axis: without ``chunk``, the first ``window`` samples; with
-    it, consecutive windows (the last may be shorter), at most ``max_chunks``; later samples are dropped."""
+    it, consecutive windows (the last may be shorter), at most ``max_chunks``; later samples are dropped,
+    and a warning says so (:func:`clip_notice`, naming ``name``; seconds given the ``rate``)."""
+    kept = window if not chunk else window * max_chunks
+    if x.shape[-1] > kept:
+        clip_notice(name, x.shape[-1], kept, chunk, rate)
     if not chunk:
         return [x[..., :window]]
     count = min(max_chunks, math.ceil(x.shape[-1] / window))
     return [x[..., i * window : (i + 1) * window] for i in range(count)]
+
+
+def audio_name(item: Any) -> str:
+    """How a notice names an audio input: its path, else its kind."""
+    if isinstance(item, (str, Path)):
+        return f"audio {item}"
+    return "audio <bytes>" if isinstance(item, (bytes, bytearray)) else "audio <array>"
 
 
 @dataclass
@@ -243,7 +284,10 @@ class WindowedAudioPreprocessor(MediaPreprocessor):
 
     def __call__(self, item: Any) -> torch.Tensor:
         wave = load_audio(item, self.sample_rate)  # (T,)
-        windows = split_windows(wave, self.clip_samples, self.options.chunk, self.options.max_chunks)
+        o = self.options
+        windows = split_windows(
+            wave, self.clip_samples, o.chunk, o.max_chunks, audio_name(item), self.sample_rate
+        )
         features = [self.window_features(w) for w in windows]
         return torch.stack(features) if self.options.chunk else features[0]  # (K, ...) or (...)
 

@@ -123,6 +123,15 @@ def image_item(value: Any, where: str) -> bytes | str:
     raise ValueError(f"{where}: image cell holds neither bytes nor a path: {type(value).__name__}")
 
 
+def media_path(root: Path, name: str, what: str, key: str) -> Path:
+    """``root / name`` if it stays inside ``root`` (no ``../``, absolute path or symlink leading out: an
+    ``MMInputError`` naming ``what`` and ``key``) and is a file (else a ``MissingInputError``)."""
+    from mm_llama.data.dataset import inside_root  # the training data's rule; imported here (torch)
+
+    inside_root(root, str(name), what, key)
+    return check_file(root / name, f"{what} {key}")
+
+
 def check_file(path: Path, what: str) -> Path:
     """Return ``path`` if it is a file, else raise naming what it was for."""
     if not path.is_file():

@@ -7,9 +7,10 @@
   a crash or Ctrl-C loses at most the batch in flight; a line cut short by a crash is dropped.
 - the task's official results file(s) (e.g. ``vqav2_results.json`` for the EvalAI server);
 - ``metrics.json`` and ``summary.md`` (a Markdown table of every number in the metrics);
-- ``run.json``: what the answers came from (task, data, answer length, the model's fingerprint when it
-  has one: ``MultimodalLM.fingerprint()``). A rerun into a folder of another run (a retrained model, other
-  data) raises instead of mixing in stale answers.
+- ``run.json``: what the answers came from (task, data, a sha256 of the content of every data file the
+  task reads (``Task.data_files()``), answer length, the model's fingerprint when it has one:
+  ``MultimodalLM.fingerprint()``). A rerun into a folder of another run (a retrained model, other data, the
+  same data file edited in place) raises instead of mixing in stale answers.
 
 The model is anything with ``generate(prompts, media=, max_new_tokens=, do_sample=) -> list[str]``, where
 ``media`` maps each modality in the batch (by its registered name: ``image``, a plugin's ``depth``) to one
@@ -18,6 +19,7 @@ list of items per prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from mm_llama.errors import MMInputError
 from mm_llama.eval.tasks import Prediction, Sample, Task, get_task
 from mm_llama.modality import marker, modalities
 
@@ -37,6 +40,8 @@ PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
 RUN_FILE = "run.json"
+HASH_BLOCK = 1 << 20
+"""Bytes read at a time when hashing the data files."""
 
 
 class Generator(Protocol):
@@ -52,11 +57,24 @@ class Generator(Protocol):
     ) -> list[str]: ...
 
 
+def data_hash(files: Sequence[Path]) -> str:
+    """sha256 over the bytes of ``files`` in the given order (each prefixed by its length, so moving bytes
+    from one file to the next changes the hash)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.stat().st_size.to_bytes(8, "little"))
+        with path.open("rb") as fh:
+            while block := fh.read(HASH_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _run_info(model: Generator, task: Task, data: str | Path | None, max_new_tokens: int) -> dict[str, Any]:
     fingerprint = getattr(model, "fingerprint", None)
     return {
         "task": task.name,
         "data": str(Path(data).resolve()) if data is not None else None,
+        "data_sha256": data_hash(task.data_files()),
         "max_new_tokens": max_new_tokens,
         "model": fingerprint() if callable(fingerprint) else None,
     }
@@ -69,9 +87,10 @@ def _check_same_run(out: Path, info: dict[str, Any]) -> None:
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = [k for k in info if before.get(k) != info[k]]
         if changed and (out / PREDICTIONS_FILE).is_file():
-            raise ValueError(
-                f"{out} holds the answers of another run ({', '.join(changed)} changed, see {path}); "
-                "evaluate into another output folder, or delete this one to start over"
+            raise MMInputError(
+                f"{out} holds the answers of another run ({', '.join(changed)} changed, see {path}"
+                f"{'; the data files were edited since' if 'data_sha256' in changed else ''}); "
+                "evaluate into another output folder (--output), or delete this one to start over"
             )
     path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 

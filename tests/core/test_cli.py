@@ -223,3 +223,31 @@ def test_input_errors_exit_2_with_one_line(tmp_path, capsys) -> None:
     )
     with pytest.raises(MMInputError):  # --debug: the traceback
         main(["--debug", "chat", "--checkpoint", str(tmp_path / "nowhere"), "What is it?"])
+
+
+@pytest.mark.parametrize("problem", ["missing", "folder", "not_an_image", "missing_audio"])
+def test_chat_checks_media_before_loading_the_model(
+    problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing, folder or unreadable media file is reported (exit 2, one line naming it) before the
+    checkpoint is loaded."""
+
+    def must_not_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the media were checked")
+
+    monkeypatch.setattr(MultimodalLM, "from_pretrained", must_not_load)
+    flag, path = "--image", tmp_path / "x.png"
+    if problem == "folder":
+        path.mkdir()
+    elif problem == "not_an_image":
+        path.write_bytes(b"this is not a PNG")
+    elif problem == "missing_audio":
+        flag, path = "--audio", tmp_path / "talk.wav"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--checkpoint", str(tmp_path / "nowhere"), flag, str(path), "What is it?"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mm-llama: error: ") and str(path) in err
+    assert {"missing": "not found", "folder": "expected a file", "not_an_image": "not an image"}.get(
+        problem, "not found"
+    ) in err

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mm_llama import modality
+from mm_llama.errors import MMInputError
 from mm_llama.model import MultimodalLM
 
 PROMPT = "<image>\nWhat is it?"
@@ -72,3 +75,34 @@ def test_a_modality_keyword_that_transformers_also_takes_is_refused(
     modality.register_modality("num_beam")
     with pytest.raises(ValueError, match="num_beams= is both .* modality 'num_beam'.*media="):
         tiny_model.generate(PROMPT, images=[rgb_image], num_beams=1)
+
+
+def test_a_flat_list_for_several_prompts_is_named(
+    tiny_model: MultimodalLM, rgb_image: np.ndarray, tmp_path: Path
+) -> None:
+    """A flat list of items for a batch of prompts is refused as such (a path string was once iterated
+    character by character and reported as "53 image inputs")."""
+    photo = tmp_path / "a_rather_long_photo_name_for_the_test.png"
+    Image.fromarray(rgb_image).save(photo)
+    prompts = [PROMPT, PROMPT]
+    expected = (
+        r"images= for 2 prompts must hold one list per prompt, e\.g\. \[\[a\], \[b\]\]; got a flat list"
+    )
+    for flat in ([str(photo), str(photo)], [photo, photo], [rgb_image, rgb_image]):
+        with pytest.raises(MMInputError, match=expected):
+            tiny_model.generate(prompts, images=flat, max_new_tokens=2)
+    with pytest.raises(MMInputError, match=r"images= for 2 prompts .*got a single str"):
+        tiny_model.generate(prompts, images=str(photo), max_new_tokens=2)
+    with pytest.raises(MMInputError, match=r"images= for 2 prompts .*flat list"):
+        tiny_model.generate(prompts, media={"image": [str(photo), str(photo)]}, max_new_tokens=2)
+
+
+def test_one_prompt_takes_a_bare_item_as_one_item(
+    tiny_model: MultimodalLM, rgb_image: np.ndarray, tmp_path: Path
+) -> None:
+    """One prompt: ``images="a.png"`` (or one Path, bytes, array) is that one image, not its characters."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rgb_image).save(photo)
+    expected = tiny_model.generate(PROMPT, images=[str(photo)], max_new_tokens=3)
+    for bare in (str(photo), photo, photo.read_bytes(), rgb_image):
+        assert tiny_model.generate(PROMPT, images=bare, max_new_tokens=3) == expected

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mm_llama import MultimodalLM, modality
+from mm_llama.errors import MMInputError
 from mm_llama.eval import Prediction, Sample, Task, evaluate
 from mm_llama.eval.cli import add_eval_args, run_eval
 from mm_llama.eval.runner import PREDICTIONS_FILE
@@ -130,6 +131,38 @@ def test_answers_of_another_run_are_not_resumed(tmp_path: Path) -> None:
     same.fingerprint = lambda: "model-a"
     evaluate(same, "vqav2", data, output_dir=out, progress=False)  # the same run resumes
     assert len(same.asked()) == 3
+
+
+def test_data_edited_in_place_is_not_resumed(tmp_path: Path) -> None:
+    """run.json keys the run by the content of the data files, not their path: editing the references in
+    place (same file name) refuses the resume instead of scoring against stale answers."""
+    data = write_vqav2_official(tmp_path / "vqav2")
+    out = tmp_path / "out"
+    evaluate(FakeModel(VQA_OUTPUTS), "vqav2", data, output_dir=out, limit=2, progress=False)
+    assert len(json.loads((out / "run.json").read_text())["data_sha256"]) == 64
+    evaluate(FakeModel(VQA_OUTPUTS), "vqav2", data, output_dir=out, limit=2, progress=False)  # unchanged
+
+    annotations = data.parent / "v2_mscoco_val2014_annotations.json"
+    annotations.write_text(annotations.read_text().replace('"answer": "black"', '"answer": "white"'))
+    model = FakeModel(VQA_OUTPUTS)
+    with pytest.raises(MMInputError, match=r"another run \(data_sha256 changed.*edited since.*--output"):
+        evaluate(model, "vqav2", data, output_dir=out, progress=False)
+    assert model.calls == []
+
+
+def test_data_folder_is_hashed_file_by_file(tmp_path: Path) -> None:
+    """A folder of data files is hashed over every file in it, in sorted order."""
+    from mm_llama.eval.runner import data_hash
+
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_text("1")
+    (folder / "sub" / "b.json").write_text("2")
+    task = _OneQuestion(folder)
+    assert task.data_files() == [folder / "a.json", folder / "sub" / "b.json"]
+    before = data_hash(task.data_files())
+    (folder / "sub" / "b.json").write_text("3")
+    assert data_hash(task.data_files()) != before
 
 
 def test_line_cut_short_by_a_crash_is_redone(tmp_path: Path) -> None:

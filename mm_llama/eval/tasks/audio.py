@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mm_llama.eval.metrics import exact_match, majority_answer, yes_no
-from mm_llama.eval.readers import check_file, read_csv
+from mm_llama.eval.readers import media_path, read_csv
 from mm_llama.eval.tasks.base import SHORT_ANSWER_PROMPT, Prediction, Sample, Task, question_prompt
 
 
@@ -45,7 +45,7 @@ class ClothoAQATask(Task):
             n = per_file.get(file_name, 0)
             per_file[file_name] = n + 1
             qid = f"{file_name}/{n}"
-            audio = check_file(self._audio_dir / file_name, f"Clotho-AQA question {qid}")
+            audio = media_path(self._audio_dir, file_name, f"Clotho-AQA question {qid}", "file_name")
             yield Sample(
                 question_id=qid,
                 prompt=question_prompt(question, ["<audio>"], SHORT_ANSWER_PROMPT),

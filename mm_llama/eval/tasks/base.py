@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mm_llama.errors import MissingInputError
-from mm_llama.eval.readers import check_file
+from mm_llama.eval.readers import media_path
 from mm_llama.modality import modalities
 
 QuestionId = int | str
@@ -69,7 +69,8 @@ def question_prompt(question: str, markers: Sequence[str], suffix: str | None) -
 
 def record_media(record: Mapping[str, Any], prompt: str, root: Path, where: str) -> dict[str, list[str]]:
     """The media of a LLaVA-format record: for every registered modality with a key in it (``"image"``, or
-    a plugin's ``"depth"``), its path or list of paths, resolved against ``root`` and checked to exist.
+    a plugin's ``"depth"``), its path or list of paths, resolved against ``root``, checked to stay inside it (no ``../``, absolute
+    paths or symlinks out) and to exist.
 
     A key whose marker the prompt holds but that no registered modality has (a plugin not imported) raises,
     rather than leaving the marker as plain text.
@@ -86,7 +87,7 @@ def record_media(record: Mapping[str, Any], prompt: str, root: Path, where: str)
         if modality in record:
             value = record[modality]
             paths = value if isinstance(value, list) else [value]
-            media[modality] = [str(check_file(root / p, f"{where} {modality}")) for p in paths]
+            media[modality] = [str(media_path(root, p, where, modality)) for p in paths]
     return media
 
 
@@ -113,6 +114,14 @@ class Task(ABC):
     @abstractmethod
     def score(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
         """Metrics over the given predictions (percentages in [0, 100] unless the key says otherwise)."""
+
+    def data_files(self) -> list[Path]:
+        """Every file the task reads its questions and answers from (not the media), for the run's content
+        hash: ``data`` itself, or for a folder every file under it in sorted order. A task that reads files
+        beside ``data`` (VQAv2's annotations) or only some of a folder's (POPE's JSON) says so here."""
+        if self.data.is_file():
+            return [self.data]
+        return sorted(p for p in self.data.rglob("*") if p.is_file())
 
     def results_files(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
         """Files for an official evaluation server or script: relative name -> JSON object or text."""

@@ -32,6 +32,7 @@ from mm_llama.eval.metrics import evalai_normalize, evalai_vqa_accuracy, gqa_exa
 from mm_llama.eval.readers import (
     check_file,
     image_item,
+    media_path,
     parquet_files,
     read_json,
     read_parquet,
@@ -57,6 +58,7 @@ class VQAv2Task(Task):
     def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
         super().__init__(data, media_root)
         self._parquet = None
+        self._ann_path: Path | None = None
         if self.data.suffix == ".json":
             self._questions, self._annotations, self._image_dir, self._image_prefix = self._read_official()
         else:
@@ -74,6 +76,7 @@ class VQAv2Task(Task):
         ann_name = f"v2_mscoco_{subtype}_annotations.json"
         candidates = [self.data.parent / ann_name, self.data.parent.parent / "Annotations" / ann_name]
         ann_path = next((c for c in candidates if c.is_file()), None)
+        self._ann_path = ann_path
         if ann_path is not None:
             ann_doc = read_json(ann_path)
             if not isinstance(ann_doc, dict) or "annotations" not in ann_doc:
@@ -86,6 +89,10 @@ class VQAv2Task(Task):
 
     def __len__(self) -> int:
         return len(self._parquet) if self._parquet is not None else len(self._questions)
+
+    def data_files(self) -> list[Path]:
+        """The questions file and the annotations beside it (the references), or the parquet folder."""
+        return [*super().data_files(), *([self._ann_path] if self._ann_path is not None else [])]
 
     def load(self) -> Iterator[Sample]:
         if self._parquet is not None:
@@ -234,7 +241,7 @@ class GQATask(Task):
         if self._official is not None:
             for qid, q in self._official:
                 require_fields(q, ["imageId", "question", "answer"], f"{self.data} question {qid}")
-                image = check_file(self._image_dir / f"{q['imageId']}.jpg", f"GQA question {qid}")
+                image = media_path(self._image_dir, f"{q['imageId']}.jpg", f"GQA question {qid}", "imageId")
                 prompt = question_prompt(q["question"], ["<image>"], SHORT_ANSWER_PROMPT)
                 yield Sample(qid, prompt, [q["answer"]], {"image": [str(image)]})
             return

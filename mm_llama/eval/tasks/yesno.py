@@ -23,8 +23,8 @@ from typing import Any
 from mm_llama.errors import MissingInputError
 from mm_llama.eval.metrics import MMEAnswer, mme_scores, pope_metrics
 from mm_llama.eval.readers import (
-    check_file,
     image_item,
+    media_path,
     parquet_files,
     read_json_records,
     read_parquet,
@@ -49,6 +49,7 @@ class POPETask(Task):
         super().__init__(data, media_root)
         self._parquet = None
         self._official: list[tuple[str, dict[str, Any], str]] = []
+        self._files: list[Path] = []
         if _is_parquet(self.data):
             self._parquet = read_parquet(
                 parquet_files(self.data), ["question_id", "question", "answer", "image"]
@@ -57,6 +58,7 @@ class POPETask(Task):
         files = sorted(self.data.glob("*.json*")) if self.data.is_dir() else [self.data]
         if not files:
             raise MissingInputError(f"{self.data}: no POPE .json/.jsonl files (e.g. coco_pope_random.json)")
+        self._files = files
         image_dir = self.media_root or (self.data if self.data.is_dir() else self.data.parent)
         for path in files:
             stem = path.name.split(".")[0]
@@ -64,10 +66,15 @@ class POPETask(Task):
             for i, record in enumerate(read_json_records(path)):
                 require_fields(record, ["question_id", "image", "text", "label"], f"{path} line {i + 1}")
                 category = file_category or str(record.get("category", "default"))
-                self._official.append((category, record, str(image_dir / record["image"])))
+                self._official.append((category, record, str(record["image"])))
+        self._image_dir = image_dir
 
     def __len__(self) -> int:
         return len(self._parquet) if self._parquet is not None else len(self._official)
+
+    def data_files(self) -> list[Path]:
+        """The question files only: the images may sit in the same folder."""
+        return self._files or super().data_files()
 
     def load(self) -> Iterator[Sample]:
         if self._parquet is not None:
@@ -88,7 +95,7 @@ class POPETask(Task):
                 question_id=qid,
                 prompt=question_prompt(record["text"], ["<image>"], SHORT_ANSWER_PROMPT),
                 answers=[record["label"]],
-                media={"image": [str(check_file(Path(image), f"POPE question {qid}"))]},
+                media={"image": [str(media_path(self._image_dir, image, f"POPE question {qid}", "image"))]},
                 meta={"category": category},
             )
 
