@@ -85,6 +85,11 @@ class _Recording:
 
 
 # ---- reading -------------------------------------------------------------------------------------------
+def _item_name(item: Any) -> str:
+    """How a notice names an IMU input: its path, or its kind."""
+    return str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__}>"
+
+
 def load_imu(
     item: Any,
     sample_rate: float = SAMPLE_RATE,
@@ -375,7 +380,14 @@ class IMUPreprocessor(MediaPreprocessor):
         x = self.normalize(x)  # (C, T)
         windows = [
             nn.functional.pad(w, (0, opts.window - w.shape[-1]))  # (C, window), zeros = the channel mean
-            for w in split_windows(x, opts.window, opts.chunk, opts.max_chunks)
+            for w in split_windows(
+                x,
+                opts.window,
+                opts.chunk,
+                opts.max_chunks,
+                name=f"imu {_item_name(item)}",
+                rate=opts.sample_rate,
+            )
         ]
         return torch.stack(windows) if opts.chunk else windows[0]
 
