@@ -94,7 +94,8 @@ class StageConfig:
     """Longest token sequence; ``None`` keeps ``model.max_length``."""
     init_from: str | None = None
     """Start from a saved model folder: the name of an earlier stage of this config (its output folder)
-    or a path. Its projectors and trained encoders are loaded (and a LoRA adapter, for LoRA stages)."""
+    or a path. Its projectors and trained encoders are loaded (and a LoRA adapter, for LoRA stages); when
+    it holds ``llm/`` (a ``full`` fine-tune), the stage's LLM is that one instead of ``model.llm``."""
 
     train_projectors: bool = True
     """Train the projectors (the point of stage 1)."""

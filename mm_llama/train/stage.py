@@ -3,7 +3,8 @@
 The model is rebuilt for every stage from ``TrainConfig.model`` with the stage's template and maximum
 length (and the LLM in 4 bits for ``qlora``), seeded so that the same config always builds the same
 weights. ``init_from`` then loads a saved model's projectors and trained encoders (stage 2 starts from
-stage 1's projectors), every projector's ``prepare`` hook runs (e.g. ``word_mix`` takes its vocabulary
+stage 1's projectors) and, from a full fine-tune's folder, its ``llm/`` in place of ``model.llm``; a full
+fine-tune of a half-precision LLM trains a float32 master copy (:func:`fp32_master`). Every projector's ``prepare`` hook runs (e.g. ``word_mix`` takes its vocabulary
 from the stage's captions), LoRA adapters are added, and :func:`~mm_llama.train.freeze.freeze_for_stage`
 decides what trains.
 """
