@@ -10,12 +10,20 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from mm_llama.train.config import StageConfig
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """``auto`` -> bf16 on GPUs that support it, fp16 on other GPUs, ``no`` (fp32) on the CPU."""
+def resolve_mixed_precision(setting: str, autocast_to: str | None = None) -> str:
+    """``auto`` -> bf16 on GPUs that support it, fp16 on other GPUs, ``no`` (fp32) on the CPU.
+    ``autocast_to`` (``bfloat16`` / ``float16``): the half dtype the config asked for, of weights that
+    train in float32 (a full fine-tune's master copy): ``auto`` then autocasts to it on GPUs (fp16 where
+    bf16 is unsupported) and to bf16 on the CPU (its fp16 autocast has no gradient scaler)."""
     if setting != "auto":
         return setting
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if autocast_to is not None:
+        if not torch.cuda.is_available():
+            return "bf16"
+        return "bf16" if autocast_to == "bfloat16" and bf16_ok else "fp16"
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if bf16_ok else "fp16"
     return "no"
 
 
@@ -34,8 +42,9 @@ def check_distributed(accelerator: Accelerator) -> None:
         )
 
 
-def stage_accelerator(stage: StageConfig) -> Accelerator:
-    """A fresh accelerator for one stage (its own mixed precision), checked by :func:`check_distributed`."""
+def stage_accelerator(stage: StageConfig, autocast_to: str | None = None) -> Accelerator:
+    """A fresh accelerator for one stage (its own mixed precision; ``autocast_to``: see
+    :func:`resolve_mixed_precision`), checked by :func:`check_distributed`."""
     # Some trainable parameters may get no gradient in a step (a modality absent from a batch, the layers
     # after an encoder's select_layer): DDP must look for them. Checkpointing here is non-reentrant,
     # which is compatible with that search.
@@ -45,7 +54,8 @@ def stage_accelerator(stage: StageConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(stage.mixed_precision), kwargs_handlers=[ddp]
+        mixed_precision=resolve_mixed_precision(stage.mixed_precision, autocast_to),
+        kwargs_handlers=[ddp],
     )
     check_distributed(accelerator)
     return accelerator

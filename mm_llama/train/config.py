@@ -33,6 +33,7 @@ EncoderMode = Literal["auto", "none", "all"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 LRSchedule = Literal["cosine", "linear", "constant"]
 Objective = Literal["lm", "contrastive"]
+OnError = Literal["raise", "skip"]
 
 
 @dataclass
@@ -93,7 +94,8 @@ class StageConfig:
     """Longest token sequence; ``None`` keeps ``model.max_length``."""
     init_from: str | None = None
     """Start from a saved model folder: the name of an earlier stage of this config (its output folder)
-    or a path. Its projectors and trained encoders are loaded (and a LoRA adapter, for LoRA stages)."""
+    or a path. Its projectors and trained encoders are loaded (and a LoRA adapter, for LoRA stages); when
+    it holds ``llm/`` (a ``full`` fine-tune), the stage's LLM is that one instead of ``model.llm``."""
 
     train_projectors: bool = True
     """Train the projectors (the point of stage 1)."""
@@ -144,10 +146,19 @@ class StageConfig:
 
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end or on a crash)."""
+    save_every_minutes: float = 30.0
+    """Also write a resumable checkpoint once N minutes of training have passed since the last one, so a
+    preempted run (killed without warning) loses at most that much; 0 disables. (SIGTERM and Ctrl-C
+    checkpoint at the last step boundary anyway.)"""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     log_every: int = 10
     """Average the loss over N steps for TensorBoard and the progress bar."""
+    on_error: OnError = "raise"
+    """A training record whose media cannot be read or whose conversation is invalid: ``raise`` (the error
+    names the record, ``file:id``) or ``skip`` it; skipped records are counted by reason, logged, and
+    listed in ``train_log.json`` (``skipped``). A micro-batch whose records all fail is skipped too (one
+    process only; under DDP that is an error)."""
 
 
 @dataclass
@@ -166,7 +177,9 @@ class TrainConfig:
     end, so it is only re-saved)."""
 
 
-RUNTIME_FIELDS: frozenset[str] = frozenset({"save_every", "keep_checkpoints", "log_every", "num_workers"})
+RUNTIME_FIELDS: frozenset[str] = frozenset(
+    {"save_every", "save_every_minutes", "keep_checkpoints", "log_every", "num_workers"}
+)
 """Stage fields that may change between a checkpoint and its resumption without changing the result."""
 
 
@@ -210,6 +223,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"{where}: batch_size ({stage.batch_size}) must be a multiple of micro_batch_size "
                 f"({stage.micro_batch_size})"
+            )
+        if stage.save_every < 0 or stage.save_every_minutes < 0:
+            raise ValueError(
+                f"{where}: save_every and save_every_minutes must be >= 0 (0 disables), got "
+                f"{stage.save_every} and {stage.save_every_minutes}"
             )
         if stage.max_steps is None and stage.epochs <= 0:
             raise ValueError(f"{where}.epochs: expected > 0 (or set max_steps), got {stage.epochs}")

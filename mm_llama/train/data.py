@@ -1,15 +1,126 @@
-"""A stage's data: its dataset, seeded length-grouped sampler and loader, and the feature cache."""
+"""A stage's data: its dataset, seeded length-grouped sampler and loader, and the feature cache.
+
+With the stage's ``on_error: skip``, a record whose media file is missing is left out when the dataset is
+built (the sampler never sees it), and a record that fails when it is read (undecodable media, an invalid
+conversation) comes back as a :class:`SkippedRecord` that :class:`SkippingCollator` drops; every skip is
+counted by reason in the batch (``batch["skipped"]``), which the loop sums, logs and writes to
+``train_log.json``. With ``on_error: raise`` the error names the record (``file:id``)."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
 from mm_llama.data.feature_cache import cache_features, cached_processor, frozen_modalities
+from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SKIP_ERRORS = (MMInputError, FileNotFoundError, ValueError)
+"""What a record may raise that ``on_error: skip`` skips (anything else is a bug and propagates)."""
+SKIPPED_KEY = "skipped"
+"""The batch key (and ``train_log.json`` key) of the skip counts by reason."""
+SKIPPED_WHERE_KEY = "skipped_records"
+"""The batch key of the skipped records, ``(file:id, reason, message)`` each, for the log."""
+
+
+def skip_reason(error: BaseException) -> str:
+    """The reason a skipped record is counted under."""
+    if isinstance(error, FileNotFoundError):
+        return "missing_file"
+    if isinstance(error, MMInputError):
+        return "bad_input"
+    return "invalid_record"
+
+
+@dataclass
+class SkippedRecord:
+    """What :class:`StageDataset` returns in place of a record it could not read (``on_error: skip``)."""
+
+    where: str
+    reason: str
+    message: str
+
+
+class StageDataset(Dataset):
+    """The stage's records (``base``, minus those with missing media under ``skip``), read with the
+    stage's ``on_error`` policy."""
+
+    def __init__(self, base: ConversationDataset, on_error: str) -> None:
+        self.base = base
+        self.on_error = on_error
+        self.indices = list(range(len(base)))
+        self.missing: list[SkippedRecord] = []
+        if on_error == "skip":
+            self.indices = [i for i in range(len(base)) if self._media_present(i)]
+            if not self.indices:
+                raise MMInputError(
+                    f"{', '.join(map(str, base.files))}: every record was skipped (on_error: skip); first: "
+                    f"{self.missing[0].where}: {self.missing[0].message}"
+                )
+
+    def _media_present(self, index: int) -> bool:
+        where = self.base.where(index)
+        try:
+            paths = [p for items in self.base.media(index).values() for p in items]
+            missing = next((p for p in paths if not Path(p).is_file()), None)
+            if missing is not None:
+                raise MissingInputError(f"media file not found: {missing}")
+        except SKIP_ERRORS as e:
+            self.missing.append(SkippedRecord(where, skip_reason(e), str(e)))
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def lengths(self) -> list[int]:
+        lengths = self.base.lengths
+        return [lengths[i] for i in self.indices]
+
+    def __getitem__(self, index: int) -> Any:
+        i = self.indices[index]
+        try:
+            return self.base[i]
+        except SKIP_ERRORS as e:
+            where = self.base.where(i)
+            if self.on_error == "skip":
+                return SkippedRecord(where, skip_reason(e), str(e))
+            if where in str(e):
+                raise
+            try:
+                named = type(e)(f"{where}: {e}")
+            except Exception:  # an exception type that takes other arguments
+                named = MMInputError(f"{where}: {e}")
+            raise named from e
+
+
+class SkippingCollator:
+    """Drops :class:`SkippedRecord` items, collates the rest (``None`` when none is left) and reports the
+    skips in ``batch["skipped"]`` / ``batch["skipped_records"]``."""
+
+    def __init__(self, collator: Collator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
+        skipped = [e for e in examples if isinstance(e, SkippedRecord)]
+        kept = [e for e in examples if not isinstance(e, SkippedRecord)]
+        batch = self.collator(kept) if kept else {"empty": True}
+        batch[SKIPPED_KEY] = dict(Counter(s.reason for s in skipped))
+        batch[SKIPPED_WHERE_KEY] = [(s.where, s.reason, s.message) for s in skipped]
+        return batch
 
 
 def stage_data(
@@ -18,6 +129,7 @@ def stage_data(
     """The stage's sampler and loader; frozen encoders read from the feature cache when one is set (the
     main process fills it first)."""
     stage = cfg.stages[name]
+    skip = stage.on_error == "skip"
     processor, feature_modalities = model.processor, []
     if stage.feature_cache is not None:
         feature_modalities = [m for m in frozen_modalities(model) if stage.only is None or m in stage.only]
@@ -26,7 +138,13 @@ def stage_data(
                 model, stage.data, stage.feature_cache, stage.data_root, feature_modalities
             )
         processor = cached_processor(model, cache, feature_modalities)
-    dataset = ConversationDataset(stage.data, processor, data_root=stage.data_root, only=stage.only)
+    base = ConversationDataset(
+        stage.data, processor, data_root=stage.data_root, only=stage.only, check_media=not skip
+    )
+    dataset = StageDataset(base, stage.on_error)
+    if dataset.missing and accelerator.is_main_process:
+        for s in dataset.missing:
+            logger.warning("%s: skipping %s (%s): %s", name, s.where, s.reason, s.message)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths if stage.group_by_length else [0] * len(dataset),
         stage.micro_batch_size,
@@ -39,7 +157,7 @@ def stage_data(
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=Collator(processor, feature_modalities),
+        collate_fn=SkippingCollator(Collator(processor, feature_modalities)),
         num_workers=stage.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # iterators never draw from the global RNG

@@ -11,24 +11,33 @@ batch, and AdamW steps with separate learning rates for projectors, encoders and
 (:mod:`mm_llama.train.objectives`).
 
 Each stage writes ``<output_dir>/<stage>/``: the model (``MultimodalLM.save_pretrained``), resumable
-``checkpoints/`` every ``save_every`` steps (and on a crash or Ctrl-C, before the error propagates;
-:mod:`mm_llama.train.resume`), ``tensorboard/``, ``loss.png`` and ``train_log.json``. Rerunning
-resumes from the newest checkpoint.
+``checkpoints/`` every ``save_every`` steps and every ``save_every_minutes`` (and on a crash, Ctrl-C or
+SIGTERM, before the error propagates; :mod:`mm_llama.train.resume`), ``tensorboard/``, ``loss.png`` and
+``train_log.json`` (with the records ``on_error: skip`` skipped, by reason). Rerunning resumes from the
+newest checkpoint. ``<output_dir>/train_config.yaml`` is (re)written only once a stage is accepted (its
+resume check passed, its model built), atomically.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from mm_llama.config import save_config, to_dict
+from mm_llama.llm import DTYPES
 from mm_llama.model import MultimodalLM
 from mm_llama.train.accel import stage_accelerator
 from mm_llama.train.checkpoint import RNGState, full_state, is_sharded
@@ -39,17 +48,53 @@ from mm_llama.train.config import (
     stage_grad_accumulation,
     validate_train_config,
 )
-from mm_llama.train.data import stage_data
+from mm_llama.train.data import SKIPPED_KEY, SKIPPED_WHERE_KEY, stage_data
 from mm_llama.train.freeze import set_train_modes
 from mm_llama.train.objectives import build_objective
 from mm_llama.train.report import HISTORY_FILE, LOSS_PLOT_FILE, Reporter, plot_loss, write_history
 from mm_llama.train.resume import CheckpointWriter, resume_or_start
-from mm_llama.train.stage import build_stage_model, stage_dir, stage_model_config
+from mm_llama.train.stage import build_stage_model, fp32_master, stage_dir, stage_model_config
 from mm_llama.train.step import accumulate_gradients, apply_update, make_optimizer, make_scheduler
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "train_config.yaml"
+MAX_SKIPS_LOGGED = 20
+"""Skipped records named one by one in the log per stage (then only counted)."""
+_clock = time.monotonic
+"""The clock of ``save_every_minutes`` (a module attribute, so tests can move it)."""
+
+
+class TrainingTerminated(KeyboardInterrupt):
+    """SIGTERM arrived during a stage (a preemption, a job scheduler's stop): handled as Ctrl-C is, the
+    crash handler checkpoints at the last step boundary and the run exits non-zero."""
+
+
+class _SigtermAsInterrupt:
+    """While active, SIGTERM raises :class:`TrainingTerminated` in the main thread; the previous handler
+    is restored on exit. (Signal handlers can only be set from the main thread; elsewhere this does
+    nothing.)"""
+
+    def __enter__(self) -> _SigtermAsInterrupt:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        raise TrainingTerminated(f"received signal {signal.Signals(signum).name}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def write_run_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the run's config to ``path`` atomically (a temp file, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_config(cfg, tmp)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -96,16 +141,21 @@ def train(
 
 
 def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None) -> Path:
-    """Train one stage (resuming from its newest checkpoint when ``cfg.resume``); returns its folder."""
+    """Train one stage (resuming from its newest checkpoint when ``cfg.resume``); returns its folder.
+    SIGTERM during the stage is handled as Ctrl-C is (:class:`TrainingTerminated`)."""
+    with _SigtermAsInterrupt():
+        return _train_stage(cfg, name, on_step)
+
+
+def _train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None) -> Path:
     stage = cfg.stages[name]
     out = stage_dir(cfg, name)
-    accelerator = stage_accelerator(stage)
+    accelerator = stage_accelerator(stage, fp32_master(cfg, name))
     accumulation = stage_grad_accumulation(stage, accelerator.num_processes, f"stages.{name}")
     accelerator.gradient_accumulation_steps = accumulation
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / RUN_CONFIG_FILE)
     model = build_stage_model(cfg, name)
     optimizer = make_optimizer(model, stage)
     trainee = build_objective(model, stage, f"stages.{name}.loss_terms")
@@ -126,6 +176,12 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     scheduler = make_scheduler(optimizer, stage, total)
     record = to_dict(stage) | {"model": to_dict(stage_model_config(cfg, name)), "seed": cfg.seed}
     history = resume_or_start(cfg, name, accelerator, unwrapped, optimizer, scheduler, record)
+    if main:  # accepted: the config validated, the resume check passed, the model built
+        write_run_config(cfg, Path(cfg.output_dir) / RUN_CONFIG_FILE)
+    skipped = Counter(history.get(SKIPPED_KEY, {}))
+    if history["step"] == 0:  # records left out up front (missing media): counted once per stage
+        skipped.update(s.reason for s in loader.dataset.missing)
+    skips_logged = 0
     writer = CheckpointWriter(
         out, accelerator, unwrapped, optimizer, scheduler, record, per_epoch, stage.keep_checkpoints
     )
@@ -133,6 +189,8 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
     saved_step = history["step"]
     boundary_rng = RNGState.capture()  # the RNG at the last step boundary: what a crash checkpoint holds
     updating = False  # between optimizer.step() and the end of the step's bookkeeping
+    saved_at = _clock()  # when the last checkpoint was written (or training started)
+    every_s = stage.save_every_minutes * 60
 
     params = [p for p in trainee.parameters() if p.requires_grad]
     try:
@@ -143,6 +201,12 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
             for _ in range(position, min(per_epoch, position + total - history["step"])):
                 started = time.perf_counter()
                 micro = [next(batches) for _ in range(accumulation)]
+                for batch in micro:
+                    skipped.update(batch.pop(SKIPPED_KEY))
+                    for where, reason, message in batch.pop(SKIPPED_WHERE_KEY):
+                        if skips_logged < MAX_SKIPS_LOGGED:
+                            logger.warning("%s: skipping %s (%s): %s", name, where, reason, message)
+                        skips_logged += 1
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
                 loss, tokens = accumulate_gradients(accelerator, trainee, micro, stage.objective)
                 updating = True
@@ -152,12 +216,16 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
                 history["lr"].append(next(iter(lrs.values())))
                 history["tokens"] += tokens
                 history["seconds"] += time.perf_counter() - started
+                history[SKIPPED_KEY] = dict(skipped)
                 boundary_rng = RNGState.capture()
                 updating = False
                 tokens_per_s = reporter.step(history["step"], loss, lrs, grad_norm, tokens)
-                if stage.save_every and history["step"] % stage.save_every == 0:
+                due = bool(stage.save_every) and history["step"] % stage.save_every == 0
+                if every_s > 0 and not due:
+                    due = _all_agree(accelerator, _clock() - saved_at >= every_s)
+                if due:
                     writer.save(history, boundary_rng)
-                    saved_step = history["step"]
+                    saved_step, saved_at = history["step"], _clock()
                 if on_step is not None:
                     info = StepInfo(
                         name, history["step"], total, loss, history["lr"][-1], tokens_per_s, unwrapped
@@ -178,6 +246,10 @@ def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None
 
     if history["step"] > saved_step:
         writer.save(history, boundary_rng)
+    history[SKIPPED_KEY] = _total_skips(accelerator, skipped)
+    if main and history[SKIPPED_KEY]:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(history[SKIPPED_KEY].items()))
+        logger.warning("%s: skipped training records (on_error: skip): %s", name, counts)
     _save_stage_model(cfg, name, stage, accelerator, unwrapped, history, total, sharded)
     return out
 
@@ -197,9 +269,38 @@ def _save_stage_model(
     out, main = stage_dir(cfg, name), accelerator.is_main_process
     copy_llm = stage.llm == "full"
     gathered = full_state(model, with_frozen_llm=copy_llm, keep=main) if sharded else None
+    half = fp32_master(cfg, name)
+    if half is not None:  # the float32 master copy is saved in the configured dtype
+        if gathered is not None:
+            gathered = {
+                k: v.to(DTYPES[half]) if k.startswith("llm.") and v.is_floating_point() else v
+                for k, v in gathered.items()
+            }
+        elif not sharded:
+            model.llm.to(DTYPES[half])
     if main:
         model.save_pretrained(out, copy_llm=copy_llm, state_dict=gathered)
         plot_loss(history["loss"], out / LOSS_PLOT_FILE, f"{Path(cfg.output_dir).name} / {name}")
-        write_history(history["loss"], history["lr"], history["seconds"], out / HISTORY_FILE)
+        write_history(
+            history["loss"], history["lr"], history["seconds"], out / HISTORY_FILE, history.get(SKIPPED_KEY)
+        )
         logger.info("%s: done (%d steps, %.0f s); model saved in %s", name, total, history["seconds"], out)
     accelerator.wait_for_everyone()
+
+
+def _all_agree(accelerator: Accelerator, flag: bool) -> bool:
+    """The main process's ``flag`` on every process (clocks differ: all must save together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag) if accelerator.is_main_process else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item())
+
+
+def _total_skips(accelerator: Accelerator, skipped: Counter[str]) -> dict[str, int]:
+    """The skip counts of all processes, summed (each process read its own records)."""
+    if accelerator.num_processes == 1:
+        return dict(skipped)
+    total: Counter[str] = Counter()
+    for counts in gather_object([dict(skipped)]):
+        total.update(counts)
+    return dict(total)

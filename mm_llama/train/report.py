@@ -87,6 +87,13 @@ def plot_loss(losses: list[float], path: Path, title: str) -> Path:
     return path
 
 
-def write_history(losses: list[float], lrs: list[float], seconds: float, path: Path) -> None:
-    """The per-step loss and learning rate as JSON (the data behind the plot)."""
-    path.write_text(json.dumps({"loss": losses, "lr": lrs, "seconds": seconds}))
+def write_history(
+    losses: list[float],
+    lrs: list[float],
+    seconds: float,
+    path: Path,
+    skipped: dict[str, int] | None = None,
+) -> None:
+    """The per-step loss and learning rate as JSON (the data behind the plot), and the training records
+    skipped (``on_error: skip``), counted by reason."""
+    path.write_text(json.dumps({"loss": losses, "lr": lrs, "seconds": seconds, "skipped": skipped or {}}))

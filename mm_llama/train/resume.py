@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from mm_llama.config import to_dict
 from mm_llama.model import MultimodalLM
 from mm_llama.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -23,7 +24,7 @@ from mm_llama.train.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
-from mm_llama.train.config import RUNTIME_FIELDS, TrainConfig
+from mm_llama.train.config import RUNTIME_FIELDS, StageConfig, TrainConfig
 from mm_llama.train.stage import stage_dir
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ def resume_or_start(
     if checkpoints and cfg.resume:
         latest = checkpoints[-1]
         saved = read_trainer_state(latest)
-        changed = [k for k in record if k not in RUNTIME_FIELDS and saved["stage"].get(k) != record[k]]
+        defaults = to_dict(StageConfig(data=[]))  # a setting newer than the checkpoint: its default
+        changed = [
+            k
+            for k in record
+            if k not in RUNTIME_FIELDS and saved["stage"].get(k, defaults.get(k)) != record[k]
+        ]
         if changed:
             raise ValueError(
                 f"{latest} was written with different settings ({', '.join(changed)} changed); resuming "

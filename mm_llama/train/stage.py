@@ -3,7 +3,8 @@
 The model is rebuilt for every stage from ``TrainConfig.model`` with the stage's template and maximum
 length (and the LLM in 4 bits for ``qlora``), seeded so that the same config always builds the same
 weights. ``init_from`` then loads a saved model's projectors and trained encoders (stage 2 starts from
-stage 1's projectors), every projector's ``prepare`` hook runs (e.g. ``word_mix`` takes its vocabulary
+stage 1's projectors) and, from a full fine-tune's folder, its ``llm/`` in place of ``model.llm``; a full
+fine-tune of a half-precision LLM trains a float32 master copy (:func:`fp32_master`). Every projector's ``prepare`` hook runs (e.g. ``word_mix`` takes its vocabulary
 from the stage's captions), LoRA adapters are added, and :func:`~mm_llama.train.freeze.freeze_for_stage`
 decides what trains.
 """
@@ -22,8 +23,9 @@ from peft import PeftModel
 from mm_llama.config import ModelConfig
 from mm_llama.data.dataset import CONVERSATIONS_KEY, ConversationDataset
 from mm_llama.errors import MissingInputError
+from mm_llama.llm import load_tokenizer
 from mm_llama.model import MultimodalLM
-from mm_llama.model_io import ADAPTER_DIR, ENCODERS_DIR, PROJECTORS_FILE
+from mm_llama.model_io import ADAPTER_DIR, ENCODERS_DIR, LLM_DIR, PROJECTORS_FILE
 from mm_llama.processor import normalize_messages
 from mm_llama.projectors.base import ProjectorContext
 from mm_llama.train.config import StageConfig, TrainConfig
@@ -31,6 +33,8 @@ from mm_llama.train.freeze import freeze_for_stage
 from mm_llama.train.lora import add_lora, enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
+
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 def stage_model_config(cfg: TrainConfig, name: str) -> ModelConfig:
@@ -100,12 +104,34 @@ def _log_for_stage(name: str, message: str) -> None:
     logger.info("stages.%s: %s", name, message)
 
 
+def fp32_master(cfg: TrainConfig, name: str) -> str | None:
+    """The half dtype (``bfloat16`` / ``float16``) that a stage fine-tuning the LLM fully was configured
+    with, or ``None``. Such a stage keeps the LLM's weights (and so AdamW's state) in float32 and
+    autocasts its forward pass to that dtype: AdamW on half-precision weights would round small updates
+    away. The saved ``llm/`` is cast back to the configured dtype."""
+    dtype = cfg.model.llm.dtype
+    return dtype if cfg.stages[name].llm == "full" and dtype in HALF_DTYPES else None
+
+
 def build_stage_model(cfg: TrainConfig, name: str) -> MultimodalLM:
-    """The model of stage ``name``, initialised, adapted and frozen for training."""
+    """The model of stage ``name``, initialised, adapted and frozen for training. When ``init_from`` is a
+    full fine-tune (its folder holds ``llm/``), the stage's LLM is that one, not ``model.llm`` (in 4 bits
+    for ``qlora``)."""
     stage = cfg.stages[name]
     set_seed(cfg.seed)
-    model = MultimodalLM(stage_model_config(cfg, name))
+    config = stage_model_config(cfg, name)
     init = resolve_init_from(cfg, name)
+    tokenizer = None
+    if init is not None and (init / LLM_DIR).is_dir():
+        tokenizer = load_tokenizer(config.llm)  # the run's tokenizer, as the earlier stage had it
+        llm = replace(config.llm, name_or_path=str((init / LLM_DIR).resolve()), from_config=None)
+        config = replace(config, llm=llm)
+        logger.info("stages.%s: the LLM starts from %s's fine-tuned copy, %s", name, init, llm.name_or_path)
+    if fp32_master(cfg, name):
+        model = MultimodalLM(replace(config, llm=replace(config.llm, dtype="float32")), tokenizer=tokenizer)
+        model.config = config  # what the saved llm/ is cast back to
+    else:
+        model = MultimodalLM(config, tokenizer=tokenizer)
     adapter = init / ADAPTER_DIR if init is not None and (init / ADAPTER_DIR).is_dir() else None
     if init is not None:
         load_saved_parts(model, init)

@@ -14,6 +14,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from mm_llama.errors import MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.processor import IGNORE_INDEX
 from mm_llama.train.config import StageConfig
@@ -92,21 +93,31 @@ def accumulate_gradients(
     accelerate's and DDP's averaging: the gradient is that of the mean over the global batch. Returns
     that mean loss and the global number of (non-padding) tokens."""
     contrastive = objective == "contrastive"
+    present = [b for b in micro if not b.get("empty")]
     local = torch.tensor(
         [
             sum(
                 b["labels"].shape[0] if contrastive else int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                for b in micro
+                for b in present
             ),
-            sum(int(b["attention_mask"].sum()) for b in micro),
+            sum(int(b["attention_mask"].sum()) for b in present),
+            len(micro) - len(present),
         ],
         device=accelerator.device,
     )
-    units, tokens = (int(v) for v in accelerator.reduce(local, reduction="sum"))
+    units, tokens, empty = (int(v) for v in accelerator.reduce(local, reduction="sum"))
+    if empty and accelerator.num_processes > 1:  # every process raises: none waits in an all-reduce
+        raise MMInputError(
+            f"{empty} micro-batch(es) of this step had only unreadable records (on_error: skip); with "
+            f"{accelerator.num_processes} processes a micro-batch cannot be left out: fix or remove the "
+            "records the log names"
+        )
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / max(units, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in micro:
         with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-batch
+            if batch.get("empty"):  # its records were all skipped: the accumulation count still runs
+                continue
             out = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
