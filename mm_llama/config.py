@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from mm_llama.errors import MissingInputError
+from mm_llama.errors import MissingInputError, MMInputError
 
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -127,24 +127,24 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, arg, path)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise MMInputError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{path}: expected one of {list(args)}, got {value!r}")
+            raise MMInputError(f"{path}: expected one of {list(args)}, got {value!r}")
         return value
     if _is_dataclass_type(tp):
         return from_dict(tp, value, path)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise MMInputError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         kt, vt = args or (Any, Any)
         return {_convert(k, kt, path): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            raise MMInputError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ValueError(f"{path}: expected {len(args)} items, got {len(value)}")
+                raise MMInputError(f"{path}: expected {len(args)} items, got {len(value)}")
             return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         out = [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -155,7 +155,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise MMInputError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
         return value
     return value
 
@@ -166,12 +166,14 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"{name}: expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+        raise MMInputError(
+            f"{name}: expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(
+        raise MMInputError(
             f"{name}: unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
             f"valid fields: {', '.join(fields)}"
         )
@@ -180,7 +182,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         if key in data:
             kwargs[key] = _convert(data[key], hints[key], f"{path}.{key}" if path else key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{name}: missing required field {key!r} of {cls.__name__}")
+            raise MMInputError(f"{name}: missing required field {key!r} of {cls.__name__}")
     return cls(**kwargs)
 
 
@@ -204,9 +206,9 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+        raise MMInputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise MMInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -218,7 +220,7 @@ def load_config(cls: type[T], path: str | Path, section: str | None = None) -> T
     try:
         return from_dict(cls, data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise MMInputError(f"{path}: {e}") from e
 
 
 def save_config(obj: Any, path: str | Path) -> None:

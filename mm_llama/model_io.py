@@ -228,12 +228,12 @@ class CheckpointMixin:
             if not sub and missing_projectors_ok:
                 logger.warning("%s has no %s projector: it starts from random weights", path, name)
                 continue
-            projector.load_state_dict(sub, strict=True)
+            _load_strict(projector, sub, path / PROJECTORS_FILE, f"the {name} projector")
         self._owned = set(getattr(self, "_owned", set()))
         for name, encoder in self.encoders.items():
             file = path / ENCODERS_DIR / f"{name}.safetensors"
             if file.is_file():
-                encoder.load_state_dict(_read_safetensors(file), strict=True)
+                _load_strict(encoder, _read_safetensors(file), file, f"the {name} encoder")
                 self._owned.add(name)
             elif (
                 saved is not None
@@ -244,6 +244,17 @@ class CheckpointMixin:
                     f"{path}: its {CONFIG_FILE} says the {name} encoder's weights are stored in "
                     f"{ENCODERS_DIR}/{name}.safetensors, but that file is missing"
                 )
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], file: Path, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, with a mismatch named by file and configuration."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MMInputError(
+            f"{file}: its weights do not fit {what} its config builds (another architecture or options?): "
+            + str(e).split(":", 1)[-1].strip().replace("\n", " ")[:500]
+        ) from e
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

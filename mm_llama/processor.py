@@ -121,13 +121,13 @@ def normalize_messages(
     messages = []
     for i, turn in enumerate(conversation):
         if not isinstance(turn, dict):
-            raise ValueError(f"{where}[{i}]: expected a mapping, got {type(turn).__name__}")
+            raise MMInputError(f"{where}[{i}]: expected a mapping, got {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in ROLE_ALIASES:
-            raise ValueError(f"{where}[{i}]: role/from must be one of {sorted(ROLE_ALIASES)}, got {role!r}")
+            raise MMInputError(f"{where}[{i}]: role/from must be one of {sorted(ROLE_ALIASES)}, got {role!r}")
         if not isinstance(content, str):
-            raise ValueError(f"{where}[{i}]: content/value must be a string, got {type(content).__name__}")
+            raise MMInputError(f"{where}[{i}]: content/value must be a string, got {type(content).__name__}")
         messages.append({"role": ROLE_ALIASES[role], "content": content})
     return messages
 
@@ -184,7 +184,7 @@ class MultimodalProcessor:
                 dict(config.modalities), config.template, config.system_prompt, config.max_length
             )
         elif tokenizer is None:
-            raise ValueError("MultimodalProcessor.from_config: a ProcessorConfig needs a tokenizer")
+            raise MMInputError("MultimodalProcessor.from_config: a ProcessorConfig needs a tokenizer")
         for name in config.modalities:
             check_modality(name)
         handlers = {name: media_tokens(name, spec) for name, spec in config.modalities.items()}
@@ -195,7 +195,9 @@ class MultimodalProcessor:
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``tokenizer/`` and ``processor.yaml`` into ``path`` (a model checkpoint folder or its own)."""
         if self.config is None:
-            raise ValueError("save_pretrained: this processor was not built by from_config; it has no config")
+            raise MMInputError(
+                "save_pretrained: this processor was not built by from_config; it has no config"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
@@ -221,7 +223,7 @@ class MultimodalProcessor:
         try:
             config = from_dict(ProcessorConfig, data)
         except ValueError as e:
-            raise ValueError(f"{file}: {e}") from e
+            raise MMInputError(f"{file}: {e}") from e
         tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -271,7 +273,7 @@ class MultimodalProcessor:
             start = len(render(messages[:i], True))
             end = len(render(messages[: i + 1], False))
             if start < cursor or end > len(full) or not full.startswith(render(messages[: i + 1], False)):
-                raise ValueError(
+                raise MMInputError(
                     "the tokenizer's chat template does not render conversations prefix by prefix, so the "
                     "assistant replies cannot be located; set template: plain or give a chat template that does"
                 )
@@ -303,11 +305,11 @@ class MultimodalProcessor:
         else:
             messages = normalize_messages(conversation, where)
             if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
-                raise ValueError(f"{where}: a conversation to answer must end with a user turn")
+                raise MMInputError(f"{where}: a conversation to answer must end with a user turn")
         media = {k: list(v) for k, v in (media or {}).items() if v is not None}
         for name in media:
             if name not in self.handlers:
-                raise ValueError(
+                raise MMInputError(
                     f"{where}: got {name} inputs but the model has no {name} encoder "
                     f"(its modalities: {', '.join(self.handlers) or 'none'})"
                 )
@@ -316,7 +318,7 @@ class MultimodalProcessor:
             n_markers = text.count(marker(name))
             n_items = len(media.get(name, []))
             if n_markers != n_items:
-                raise ValueError(
+                raise MMInputError(
                     f"{where}: {n_markers} {marker(name)} marker(s) in the text but {n_items} {name} "
                     f"input(s) given; put one {marker(name)} in the prompt for each {name}"
                 )

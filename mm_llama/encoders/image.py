@@ -254,14 +254,22 @@ def block_index(select_layer: int, num_blocks: int, where: str) -> int:
     return block
 
 
-def local_checkpoint(value: str, field_name: str, where: str) -> str:
-    """The absolute path of an existing local weights file; anything else raises (nothing is downloaded)."""
+def local_checkpoint(value: str, field_name: str, where: str, allow_pickle: bool = False) -> str:
+    """The absolute path of an existing local weights file; anything else raises (nothing is downloaded).
+    A file that is not safetensors (``.pt``, ``.pth``, ``.bin``: pickles) is refused unless the user set
+    ``allow_pickle`` (the libraries then read it with ``torch.load(weights_only=True)``)."""
     path = Path(value).expanduser()
     if not path.is_file():
         found = "a folder" if path.is_dir() else "nothing"
         raise MissingInputError(
             f"{where}: options.{field_name} must be an existing local weights file, found {found} at {path}; "
             "this encoder never downloads weights (hub tags and ids are not accepted)"
+        )
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise MMInputError(
+            f"{where}: options.{field_name} {path} is a pickle-based file ({path.suffix or 'no suffix'}), "
+            "which can run code when read; convert it to .safetensors, or set options.allow_pickle: true "
+            "to read it (with torch.load(weights_only=True))"
         )
     return str(path.resolve())
 
@@ -377,6 +385,8 @@ class OpenCLIPOptions:
     pretrained: str | None = None
     """A local checkpoint file (``.safetensors``, ``.pt``, ``.bin``) of the whole OpenCLIP model; ``None``:
     random weights. Never a pretrained tag: nothing is downloaded."""
+    allow_pickle: bool = False
+    """Read a ``.pt`` / ``.bin`` (pickle) ``pretrained`` file; refused otherwise."""
     pretrained_tag: str | None = None
     """The open_clip tag that file was published under (``open_clip.list_pretrained_tags_by_model``), e.g.
     ``openai`` or ``webli``: applies that tag's preprocessing (mean, std, interpolation, resize mode) and
@@ -500,7 +510,7 @@ class OpenCLIPEncoder(IntermediatesEncoder):
         settings = open_clip_settings(options, where)
         checkpoint = None
         if options.pretrained is not None:
-            checkpoint = local_checkpoint(options.pretrained, "pretrained", where)
+            checkpoint = local_checkpoint(options.pretrained, "pretrained", where, options.allow_pickle)
         try:
             model, _, _ = open_clip.create_model_and_transforms(
                 options.model_name, pretrained=checkpoint, pretrained_text=False, **settings
@@ -530,6 +540,8 @@ class TimmOptions:
     """A local weights file (``.safetensors``, ``.pth``, ``.bin``) in timm's format for that model, classifier
     head included when the model has one (set ``model_kwargs.num_classes`` to the file's head size; 0 for
     none); ``None``: random weights. Nothing is downloaded."""
+    allow_pickle: bool = False
+    """Read a ``.pth`` / ``.bin`` (pickle) ``pretrained_file``; refused otherwise."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of ``timm.create_model``, e.g. ``{"img_size": 32, "patch_size": 8, "depth": 2}``."""
     select_layer: int = -2
@@ -602,7 +614,9 @@ class TimmEncoder(IntermediatesEncoder):
         kwargs, overlay = timm_arguments(options, where)
         checkpoint = None
         if options.pretrained_file is not None:
-            checkpoint = local_checkpoint(options.pretrained_file, "pretrained_file", where)
+            checkpoint = local_checkpoint(
+                options.pretrained_file, "pretrained_file", where, options.allow_pickle
+            )
             overlay["file"] = checkpoint
             if "num_classes" in kwargs:  # timm loads strictly only when the file's head matches the model's
                 overlay["num_classes"] = kwargs["num_classes"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from mm_llama.config import ModelConfig, Template, build_options, from_dict, read_mapping
+from mm_llama.errors import MMInputError
 
 LLMMode = Literal["frozen", "full", "lora", "qlora"]
 EncoderMode = Literal["auto", "none", "all"]
@@ -189,7 +190,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
         cfg = from_dict(TrainConfig, read_mapping(path))
         validate_train_config(cfg)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise MMInputError(f"{path}: {e}") from e
     return cfg
 
 
@@ -200,7 +201,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     from mm_llama.train.losses import loss_weights
 
     if not cfg.stages:
-        raise ValueError("stages: expected at least one stage (e.g. align, instruct), got none")
+        raise MMInputError("stages: expected at least one stage (e.g. align, instruct), got none")
     for name, spec in cfg.model.modalities.items():
         encoder_cls = ENCODERS.get(spec.encoder.type)
         build_options(encoder_cls.Options, spec.encoder.options, f"model.modalities.{name}.encoder.options")
@@ -215,48 +216,48 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for i, (name, stage) in enumerate(cfg.stages.items()):
         where = f"stages.{name}"
         if not stage.data:
-            raise ValueError(f"{where}.data: expected at least one data file, got an empty list")
+            raise MMInputError(f"{where}.data: expected at least one data file, got an empty list")
         for key in ("batch_size", "micro_batch_size", "keep_checkpoints", "log_every"):
             if getattr(stage, key) < 1:
-                raise ValueError(f"{where}.{key}: expected a positive integer, got {getattr(stage, key)}")
+                raise MMInputError(f"{where}.{key}: expected a positive integer, got {getattr(stage, key)}")
         if stage.batch_size % stage.micro_batch_size:
-            raise ValueError(
+            raise MMInputError(
                 f"{where}: batch_size ({stage.batch_size}) must be a multiple of micro_batch_size "
                 f"({stage.micro_batch_size})"
             )
         if stage.save_every < 0 or stage.save_every_minutes < 0:
-            raise ValueError(
+            raise MMInputError(
                 f"{where}: save_every and save_every_minutes must be >= 0 (0 disables), got "
                 f"{stage.save_every} and {stage.save_every_minutes}"
             )
         if stage.max_steps is None and stage.epochs <= 0:
-            raise ValueError(f"{where}.epochs: expected > 0 (or set max_steps), got {stage.epochs}")
+            raise MMInputError(f"{where}.epochs: expected > 0 (or set max_steps), got {stage.epochs}")
         if stage.max_steps is not None and stage.max_steps < 1:
-            raise ValueError(f"{where}.max_steps: expected >= 1, got {stage.max_steps}")
+            raise MMInputError(f"{where}.max_steps: expected >= 1, got {stage.max_steps}")
         if not 0.0 <= stage.warmup_ratio < 1.0:
-            raise ValueError(f"{where}.warmup_ratio: expected a value in [0, 1), got {stage.warmup_ratio}")
+            raise MMInputError(f"{where}.warmup_ratio: expected a value in [0, 1), got {stage.warmup_ratio}")
         if stage.llm == "full" and cfg.model.llm.quantization != "none":
-            raise ValueError(
+            raise MMInputError(
                 f"{where}.llm: full fine-tuning needs an unquantized LLM, but model.llm.quantization is "
                 f"{cfg.model.llm.quantization!r}; use llm: qlora, or quantization: none"
             )
         if stage.objective == "contrastive" and stage.llm != "frozen":
-            raise ValueError(
+            raise MMInputError(
                 f"{where}.llm: the contrastive objective uses the frozen LLM as its text tower; set llm: frozen"
             )
         unknown = [m for m in stage.only or [] if m not in cfg.model.modalities]
         if stage.only is not None and (unknown or not stage.only):
-            raise ValueError(
+            raise MMInputError(
                 f"{where}.only: expected modalities of the model ({', '.join(cfg.model.modalities)}), "
                 f"got {stage.only}"
             )
         if stage.contrastive.temperature <= 0:
-            raise ValueError(
+            raise MMInputError(
                 f"{where}.contrastive.temperature: expected > 0, got {stage.contrastive.temperature}"
             )
         loss_weights(stage.objective, stage.loss_terms, projector_terms, f"{where}.loss_terms")
         if stage.init_from in names and names.index(stage.init_from) >= i:
-            raise ValueError(
+            raise MMInputError(
                 f"{where}.init_from: stage {stage.init_from!r} does not run before {name!r}; "
                 f"stage order: {', '.join(names)}"
             )
@@ -266,7 +267,7 @@ def stage_grad_accumulation(stage: StageConfig, num_processes: int, where: str) 
     """Micro-batches per process per optimizer step, so that the global batch is ``stage.batch_size``."""
     per_step = stage.micro_batch_size * num_processes
     if stage.batch_size % per_step:
-        raise ValueError(
+        raise MMInputError(
             f"{where}: batch_size ({stage.batch_size}) must be a multiple of micro_batch_size x processes "
             f"({stage.micro_batch_size} x {num_processes} = {per_step})"
         )

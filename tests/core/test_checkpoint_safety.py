@@ -170,3 +170,15 @@ def test_export_of_a_qlora_model_merges_into_full_precision(tmp_path: Path, rgb_
     exported = MultimodalLM.from_pretrained(tmp_path / "export")
     assert exported.config.llm.quantization == "none"
     assert torch.allclose(logits(exported, batch), logits(reference.eval(), batch), atol=1e-4)
+
+
+def test_weights_of_another_shape_are_named(tiny_model: MultimodalLM, tmp_path: Path) -> None:
+    tiny_model.save_pretrained(tmp_path / "ckpt", copy_llm=True)
+    file = tmp_path / "ckpt" / CONFIG_FILE
+    data = yaml.safe_load(file.read_text())
+    data["modalities"]["image"]["projector"]["type"] = "linear"  # the saved weights are an MLP's
+    file.write_text(yaml.safe_dump(data))
+    with pytest.raises(
+        MMInputError, match=r"projectors\.safetensors: its weights do not fit the image projector"
+    ):
+        MultimodalLM.from_pretrained(tmp_path / "ckpt")

@@ -61,7 +61,10 @@ def test_unknown_encoder_option_is_named() -> None:
         MultimodalLM(config)
 
 
-def test_register_modality() -> None:
+def test_register_modality(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mm_llama import modality
+
+    monkeypatch.setattr(modality, "_MODALITIES", modality.modalities())  # restored after the test
     assert register_modality("thermal") == "<thermal>" == marker("thermal")
     with pytest.raises(ValueError, match="must match"):
         register_modality("Bad Name")

@@ -84,7 +84,7 @@ def save_timm(encoder: Any, folder: Path) -> dict[str, Any]:
     """A timm state dict (classifier head included) in a torch file."""
     file = folder / "vit.pth"
     torch.save(encoder.backbone.state_dict(), file)
-    return timm_options(pretrained_file=str(file))
+    return timm_options(pretrained_file=str(file), allow_pickle=True)
 
 
 @dataclass
@@ -468,3 +468,14 @@ def test_image_cnn_tokens_weights_and_freezing(tmp_path) -> None:
     assert extra == 2 * ((8 * 8 * 9 + 8 + 2 * 8) + (16 * 16 * 9 + 16 + 2 * 16))  # 2 blocks per stage
     with pytest.raises(ValueError, match="options.blocks must be >= 1, got 0"):
         build_encoder("image", EncoderConfig(type="image_cnn", options={**options, "blocks": 0}))
+
+
+def test_pickle_weights_files_need_allow_pickle(tmp_path: Path) -> None:
+    from mm_llama.errors import MMInputError
+
+    encoder = build_encoder("image", EncoderConfig(type="timm", options=timm_options()))
+    options = save_timm(encoder, tmp_path)
+    options.pop("allow_pickle")
+    with pytest.raises(MMInputError, match=r"vit\.pth is a pickle-based file \(\.pth\).*allow_pickle: true"):
+        build_encoder("image", EncoderConfig(type="timm", options=options))
+    assert build_encoder("image", EncoderConfig(type="timm", options={**options, "allow_pickle": True}))
