@@ -14,3 +14,8 @@ class MMInputError(ValueError):
 
 class MissingInputError(MMInputError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+class ConversationError(MMInputError):
+    """A prompt or training record whose conversation is malformed (turns, roles, markers vs media,
+    length), as opposed to a media file that cannot be read."""

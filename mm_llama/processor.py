@@ -36,7 +36,7 @@ from mm_llama.config import (
     save_config,
 )
 from mm_llama.encoders.base import MediaPreprocessor, build_preprocessor
-from mm_llama.errors import MissingInputError, MMInputError
+from mm_llama.errors import ConversationError, MissingInputError, MMInputError
 from mm_llama.modality import check_modality, marker
 from mm_llama.plugins import import_plugins, imported_plugins
 from mm_llama.projectors.base import PROJECTORS
@@ -121,13 +121,17 @@ def normalize_messages(
     messages = []
     for i, turn in enumerate(conversation):
         if not isinstance(turn, dict):
-            raise MMInputError(f"{where}[{i}]: expected a mapping, got {type(turn).__name__}")
+            raise ConversationError(f"{where}[{i}]: expected a mapping, got {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in ROLE_ALIASES:
-            raise MMInputError(f"{where}[{i}]: role/from must be one of {sorted(ROLE_ALIASES)}, got {role!r}")
+            raise ConversationError(
+                f"{where}[{i}]: role/from must be one of {sorted(ROLE_ALIASES)}, got {role!r}"
+            )
         if not isinstance(content, str):
-            raise MMInputError(f"{where}[{i}]: content/value must be a string, got {type(content).__name__}")
+            raise ConversationError(
+                f"{where}[{i}]: content/value must be a string, got {type(content).__name__}"
+            )
         messages.append({"role": ROLE_ALIASES[role], "content": content})
     return messages
 
@@ -305,11 +309,11 @@ class MultimodalProcessor:
         else:
             messages = normalize_messages(conversation, where)
             if add_generation_prompt and (not messages or messages[-1]["role"] != "user"):
-                raise MMInputError(f"{where}: a conversation to answer must end with a user turn")
+                raise ConversationError(f"{where}: a conversation to answer must end with a user turn")
         media = {k: list(v) for k, v in (media or {}).items() if v is not None}
         for name in media:
             if name not in self.handlers:
-                raise MMInputError(
+                raise ConversationError(
                     f"{where}: got {name} inputs but the model has no {name} encoder "
                     f"(its modalities: {', '.join(self.handlers) or 'none'})"
                 )
@@ -318,7 +322,7 @@ class MultimodalProcessor:
             n_markers = text.count(marker(name))
             n_items = len(media.get(name, []))
             if n_markers != n_items:
-                raise MMInputError(
+                raise ConversationError(
                     f"{where}: {n_markers} {marker(name)} marker(s) in the text but {n_items} {name} "
                     f"input(s) given; put one {marker(name)} in the prompt for each {name}"
                 )
@@ -362,7 +366,7 @@ class MultimodalProcessor:
             total = sum(input_ids.count(pid) for pid in self.placeholder_ids.values())
             if add_generation_prompt or sum(cut.count(pid) for pid in self.placeholder_ids.values()) != total:
                 what = "the newest turn" if add_generation_prompt else "the first turn, with its media,"
-                raise MMInputError(
+                raise ConversationError(
                     f"{where}: {len(input_ids)} tokens exceed max_length={self.max_length} even with "
                     f"{what} alone; raise max_length or shorten it"
                 )

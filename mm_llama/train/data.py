@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
 from mm_llama.data.feature_cache import cache_features, cached_processor, frozen_modalities
-from mm_llama.errors import MissingInputError, MMInputError
+from mm_llama.errors import ConversationError, MissingInputError, MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.train.config import TrainConfig
 
@@ -39,6 +39,8 @@ def skip_reason(error: BaseException) -> str:
     """The reason a skipped record is counted under."""
     if isinstance(error, FileNotFoundError):
         return "missing_file"
+    if isinstance(error, ConversationError):
+        return "invalid_record"
     if isinstance(error, MMInputError):
         return "bad_input"
     return "invalid_record"
