@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mm_llama.errors import MissingInputError
-from mm_llama.eval.readers import media_path
+from mm_llama.eval.readers import media_path, read_json_records, require_fields
 from mm_llama.modality import modalities
 
 QuestionId = int | str
@@ -126,3 +126,28 @@ class Task(ABC):
     def results_files(self, predictions: Sequence[Prediction]) -> dict[str, Any]:
         """Files for an official evaluation server or script: relative name -> JSON object or text."""
         return {}
+
+
+def percent(hits: Sequence[bool]) -> float:
+    """The share of true values, in percent (0 for none)."""
+    return 100.0 * sum(hits) / len(hits) if hits else 0.0
+
+
+class LlavaRecordsTask(Task):
+    """A task over a file of LLaVA-format records (``id``, ``conversations``, media keys); subclasses
+    may read the file their own way (:meth:`read_records`)."""
+
+    def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
+        super().__init__(data, media_root)
+        records = self.read_records()
+        for i, record in enumerate(records):
+            require_fields(record, ["id", "conversations"], f"{self.data} record {i}")
+        self._records = records
+        self._root = self.media_root or self.data.parent
+
+    def read_records(self) -> list[dict[str, Any]]:
+        """The records: a JSON list or JSON lines."""
+        return read_json_records(self.data)
+
+    def __len__(self) -> int:
+        return len(self._records)

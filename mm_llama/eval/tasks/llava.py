@@ -15,16 +15,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from mm_llama.eval.metrics import evalai_normalize
-from mm_llama.eval.readers import read_json_records, require_fields
-from mm_llama.eval.tasks.base import Prediction, Sample, Task, record_media
-
-
-def _percent(hits: Sequence[bool]) -> float:
-    return 100.0 * sum(hits) / len(hits) if hits else 0.0
+from mm_llama.eval.tasks.base import LlavaRecordsTask, Prediction, Sample, percent, record_media
 
 
 def normalized_match(prediction: str, reference: str) -> bool:
@@ -32,22 +26,11 @@ def normalized_match(prediction: str, reference: str) -> bool:
     return evalai_normalize(prediction) == evalai_normalize(reference)
 
 
-class LlavaQATask(Task):
+class LlavaQATask(LlavaRecordsTask):
     """The first question of each record of a LLaVA-format file, scored by normalised exact match."""
 
     name = "llava_qa"
     max_new_tokens = 32
-
-    def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
-        super().__init__(data, media_root)
-        records = read_json_records(self.data)
-        for i, record in enumerate(records):
-            require_fields(record, ["id", "conversations"], f"{self.data} record {i}")
-        self._records = records
-        self._root = self.media_root or self.data.parent
-
-    def __len__(self) -> int:
-        return len(self._records)
 
     def load(self) -> Iterator[Sample]:
         for record in self._records:
@@ -79,7 +62,7 @@ class LlavaQATask(Task):
             for modality in p.meta.get("modalities") or ["text"]:
                 by_modality[modality].append(hit)
         return {
-            "accuracy": _percent(hits),
-            "per_modality": {m: _percent(v) for m, v in sorted(by_modality.items())},
+            "accuracy": percent(hits),
+            "per_modality": {m: percent(v) for m, v in sorted(by_modality.items())},
             "scored": len(hits),
         }

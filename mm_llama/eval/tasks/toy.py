@@ -14,36 +14,25 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from mm_llama.eval.metrics import exact_match
-from mm_llama.eval.readers import read_json, require_fields
-from mm_llama.eval.tasks.base import Prediction, Sample, Task, record_media
+from mm_llama.eval.readers import read_json
+from mm_llama.eval.tasks.base import LlavaRecordsTask, Prediction, Sample, percent, record_media
 
 
-def _percent(hits: Sequence[bool]) -> float:
-    return 100.0 * sum(hits) / len(hits) if hits else 0.0
-
-
-class ToyWorldTask(Task):
+class ToyWorldTask(LlavaRecordsTask):
     """Questions from a toy-world ``instruct_{split}.json`` (or any LLaVA-format list with answers)."""
 
     name = "toy"
     max_new_tokens = 32
 
-    def __init__(self, data: str | Path, media_root: str | Path | None = None) -> None:
-        super().__init__(data, media_root)
+    def read_records(self) -> list[dict[str, Any]]:
+        """The records: a JSON list only."""
         records = read_json(self.data)
         if not isinstance(records, list):
             raise ValueError(f"{self.data}: expected a JSON list of LLaVA-format records")
-        for i, record in enumerate(records):
-            require_fields(record, ["id", "conversations"], f"{self.data} record {i}")
-        self._records = records
-        self._root = self.media_root or self.data.parent
-
-    def __len__(self) -> int:
-        return len(self._records)
+        return records
 
     def load(self) -> Iterator[Sample]:
         for record in self._records:
@@ -84,12 +73,12 @@ class ToyWorldTask(Task):
                 chance[qtype] = 100.0 / len(p.meta["choices"])
         per_type: dict[str, dict[str, float]] = {}
         for qtype, type_hits in sorted(by_type.items()):
-            per_type[qtype] = {"accuracy": _percent(type_hits)}
+            per_type[qtype] = {"accuracy": percent(type_hits)}
             if qtype in chance:
                 per_type[qtype]["chance"] = chance[qtype]
         return {
-            "accuracy": _percent(hits),
+            "accuracy": percent(hits),
             "per_question_type": per_type,
-            "per_modality": {m: _percent(v) for m, v in sorted(by_modality.items())},
+            "per_modality": {m: percent(v) for m, v in sorted(by_modality.items())},
             "scored": len(hits),
         }
