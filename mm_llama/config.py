@@ -100,7 +100,10 @@ class ModelConfig:
     system_prompt: str | None = None
     """System prompt for the chat template; ``None`` lets the template use its default."""
     max_length: int = 2048
-    """Longest token sequence the processor emits; longer ones are truncated from the right."""
+    """Longest token sequence the processor emits; longer conversations drop whole turns."""
+    chat_template: str | None = None
+    """``None``: the tokenizer's own chat template (a Vicuna-style USER/ASSISTANT fallback when it has
+    none); ``fallback``: that fallback; any other string: a Jinja chat template used instead."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -19,3 +19,8 @@ class MissingInputError(MMInputError, FileNotFoundError):
 class ConversationError(MMInputError):
     """A prompt or training record whose conversation is malformed (turns, roles, markers vs media,
     length), as opposed to a media file that cannot be read."""
+
+
+class LabelMaskError(MMInputError):
+    """The supervised tokens of a training record are not exactly its assistant replies (plus what ends
+    each turn): the chat template and the label mask disagree."""

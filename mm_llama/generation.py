@@ -218,7 +218,7 @@ class GenerationMixin:
             raise errors[0]
 
     def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
+        ids = {self.tokenizer.eos_token_id, *self.processor.end_of_turn_ids()}
         configured = getattr(self.llm.generation_config, "eos_token_id", None)
         if isinstance(configured, int):
             ids.add(configured)

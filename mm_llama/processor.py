@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mm_llama.config import (
@@ -36,7 +37,7 @@ from mm_llama.config import (
     save_config,
 )
 from mm_llama.encoders.base import MediaPreprocessor, build_preprocessor
-from mm_llama.errors import ConversationError, MissingInputError, MMInputError
+from mm_llama.errors import ConversationError, LabelMaskError, MissingInputError, MMInputError
 from mm_llama.modality import check_modality, marker
 from mm_llama.plugins import import_plugins, imported_plugins
 from mm_llama.projectors.base import PROJECTORS
@@ -51,6 +52,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
 )
 """Used when the tokenizer has no chat template (a base model): Vicuna-style USER/ASSISTANT turns."""
+PLAIN_SEPARATOR = "\n"
+"""What ends a reply under the ``plain`` template: LLaVA's ``conv_llava_plain.sep``."""
+REPLY_SENTINEL = "\x00mm_llama_reply\x00"
+"""Stands in for a reply while locating where the template puts replies (see ``_render``)."""
 
 ROLE_ALIASES = {
     "human": "user",
@@ -77,6 +82,7 @@ class ProcessorConfig:
     template: Template = "chat"
     system_prompt: str | None = None
     max_length: int = 2048
+    chat_template: str | None = None
 
 
 @dataclass
@@ -153,13 +159,16 @@ class MultimodalProcessor:
         template: Literal["chat", "plain"] = "chat",
         system_prompt: str | None = None,
         max_length: int = 2048,
+        chat_template: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.handlers = handlers
         self.template = template
         self.system_prompt = system_prompt
         self.max_length = max_length
-        if template == "chat" and not tokenizer.chat_template:
+        if chat_template is not None:
+            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE if chat_template == "fallback" else chat_template
+        elif template == "chat" and not tokenizer.chat_template:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         markers = [marker(m) for m in handlers]
         missing = [m for m in markers if m not in tokenizer.get_vocab()]
@@ -185,14 +194,20 @@ class MultimodalProcessor:
 
                 tokenizer = load_tokenizer(config.llm)
             config = ProcessorConfig(
-                dict(config.modalities), config.template, config.system_prompt, config.max_length
+                dict(config.modalities),
+                config.template,
+                config.system_prompt,
+                config.max_length,
+                config.chat_template,
             )
         elif tokenizer is None:
             raise MMInputError("MultimodalProcessor.from_config: a ProcessorConfig needs a tokenizer")
         for name in config.modalities:
             check_modality(name)
         handlers = {name: media_tokens(name, spec) for name, spec in config.modalities.items()}
-        processor = cls(tokenizer, handlers, config.template, config.system_prompt, config.max_length)
+        processor = cls(
+            tokenizer, handlers, config.template, config.system_prompt, config.max_length, config.chat_template
+        )
         processor.config = config
         return processor
 
@@ -252,38 +267,81 @@ class MultimodalProcessor:
 
     # ---- rendering -------------------------------------------------------------------------------------
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        """The conversation as text segments, each flagged True when it is supervised (an assistant reply)."""
+        """The conversation as text segments, each flagged True when it is supervised: an assistant reply
+        plus what the template closes its turn with (the end-of-turn token), never the role header.
+
+        The reply spans are found by construction, whatever the template: the conversation up to an
+        assistant turn is rendered with a sentinel as that turn's content, and the text before the
+        sentinel is exactly what precedes the reply (the header included, whether or not the template has
+        a generation-prompt marker). The prompt to answer ends the same way, so generation sees the very
+        header the replies were trained after."""
         if self.template == "plain":
-            # LLaVA's plain template starts with the tokenizer's BOS (when it has one), so that the first
-            # media token is not the sequence's first position, which the LLM uses as an attention sink
-            segments = [(self.tokenizer.bos_token, False)] if self.tokenizer.bos_token else []
-            for m in messages:
-                if m["role"] == "user":
-                    segments.append((m["content"], False))
-                elif m["role"] == "assistant":
-                    segments.append((m["content"] + self.tokenizer.eos_token, True))
-            return segments
+            return self._render_plain(messages)
         if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
 
-        def render(msgs: list[dict[str, str]], gen: bool) -> str:
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        def header(before: list[dict[str, str]]) -> str:
+            probe = self._apply_template([*before, {"role": "assistant", "content": REPLY_SENTINEL}])
+            at = probe.find(REPLY_SENTINEL)
+            if at < 0:
+                raise MMInputError(
+                    "the tokenizer's chat template drops the assistant's reply text, so replies cannot be "
+                    "supervised; give a chat template that renders them"
+                )
+            return probe[:at]
 
-        full = render(messages, add_generation_prompt)
+        full = self._apply_template(messages)
+        if add_generation_prompt:
+            full = header(messages)
         segments, cursor = [], 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(render(messages[:i], True))
-            end = len(render(messages[: i + 1], False))
-            if start < cursor or end > len(full) or not full.startswith(render(messages[: i + 1], False)):
+            start = header(messages[:i])
+            end = self._apply_template(messages[: i + 1])
+            if len(start) < cursor or not end.startswith(start) or not full.startswith(end):
                 raise MMInputError(
                     "the tokenizer's chat template does not render conversations prefix by prefix, so the "
                     "assistant replies cannot be located; set template: plain or give a chat template that does"
                 )
-            segments += [(full[cursor:start], False), (full[start:end], True)]
-            cursor = end
+            segments += [(full[cursor : len(start)], False), (full[len(start) : len(end)], True)]
+            cursor = len(end)
         segments.append((full[cursor:], False))
+        return [(text, sup) for text, sup in segments if text]
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The token that closes an assistant turn under this template (``<|im_end|>``, Gemma's
+        ``<end_of_turn>``, EOS, the ``plain`` separator): generation stops on it as on EOS. Found the way the
+        reply spans are: what the template writes right after a reply."""
+        if self.template == "plain":
+            tail = PLAIN_SEPARATOR
+        else:
+            probe = self._apply_template(
+                [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY_SENTINEL}]
+            )
+            tail = probe[probe.find(REPLY_SENTINEL) + len(REPLY_SENTINEL) :]
+        return self.tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+
+    def _apply_template(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+            roles = "/".join(m["role"] for m in messages)
+            raise ConversationError(
+                f"the tokenizer's chat template refused a {roles} conversation: {e}"
+            ) from e
+
+    def _render_plain(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """LLaVA's ``preprocess_plain``: BOS (when the tokenizer has one), then each user turn reduced to its
+        media markers (its words dropped), each reply followed by the separator ``PLAIN_SEPARATOR``. The
+        BOS keeps the first media token off the sequence's first position, which the LLM uses as an
+        attention sink."""
+        segments = [(self.tokenizer.bos_token, False)] if self.tokenizer.bos_token else []
+        for m in messages:
+            if m["role"] == "user" and self._marker_re is not None:
+                segments.append(("".join(self._marker_re.findall(m["content"])), False))
+            elif m["role"] == "assistant":
+                segments.append((m["content"] + PLAIN_SEPARATOR, True))
         return [(text, sup) for text, sup in segments if text]
 
     # ---- encoding --------------------------------------------------------------------------------------
@@ -423,3 +481,75 @@ class MultimodalProcessor:
             for name, tensors in e.media.items():
                 media.setdefault(name, []).extend(tensors)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media}
+
+
+def check_labels(
+    processor: MultimodalProcessor, conversation: Sequence[dict[str, str]], example: Example, where: str
+) -> None:
+    """Decode the supervised tokens of ``example`` and raise :class:`LabelMaskError` unless they are
+    exactly the assistant replies of ``conversation`` in order, each followed by at least one
+    end-of-turn token (a special token, or whitespace such as the ``plain`` separator) and nothing else.
+
+    It guards what LLaVA's users meet as "loss 0" or "tokenization mismatch": a template whose role
+    header is supervised, a reply left unsupervised, a turn with nothing to stop on. Turns the processor
+    left out for length are not expected; a reply cut at ``max_length`` is compared up to the cut."""
+    tokenizer = processor.tokenizer
+    replies = [m["content"] for m in normalize_messages(conversation, where) if m["role"] == "assistant"]
+    special = set(tokenizer.all_special_ids)
+
+    def is_end(token: int) -> bool:
+        return token in special or not tokenizer.decode([token]).strip()
+
+    runs: list[list[int]] = []  # maximal runs of consecutive supervised tokens
+    previous = IGNORE_INDEX
+    for label in example.labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    truncated = len(example.input_ids) >= processor.max_length
+    queue = list(replies)
+    for run_number, run in enumerate(runs):
+        pos, last_run = 0, run_number == len(runs) - 1
+        while pos < len(run):
+            if not queue:
+                _label_error(where, tokenizer, runs, replies, "supervised tokens beyond the last reply")
+            reply = queue.pop(0).strip()
+            # the shortest prefix that decodes to the reply (leading spaces vary between tokenizers)
+            k = next(
+                (j for j in range(pos, len(run) + 1) if tokenizer.decode(run[pos:j]).strip() == reply), None
+            )
+            if k is None:
+                if last_run and truncated and reply.startswith(tokenizer.decode(run[pos:]).strip()):
+                    return  # the reply was cut at max_length
+                _label_error(where, tokenizer, runs, replies, f"reply {reply!r} is not what is supervised")
+            end = k
+            while end < len(run) and is_end(run[end]):
+                end += 1
+            if end == k and not (last_run and truncated and end == len(run)):
+                _label_error(where, tokenizer, runs, replies, f"reply {reply!r} has no end-of-turn token")
+            pos = end
+    expected = len(replies) - _dropped_replies(normalize_messages(conversation, where), example.dropped_turns)
+    if len(replies) - len(queue) < expected:
+        _label_error(where, tokenizer, runs, replies, "a reply is not supervised")
+
+
+def _dropped_replies(messages: list[dict[str, str]], dropped_turns: int) -> int:
+    """How many assistant replies the last ``dropped_turns`` turns of a training conversation hold."""
+    if not dropped_turns:
+        return 0
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    first_dropped = users[-dropped_turns] if len(users) >= dropped_turns else 0
+    return sum(m["role"] == "assistant" for m in messages[first_dropped:])
+
+
+def _label_error(
+    where: str, tokenizer: PreTrainedTokenizerBase, runs: list[list[int]], replies: list[str], why: str
+) -> None:
+    supervised = [tokenizer.decode(run) for run in runs]
+    raise LabelMaskError(
+        f"{where}: the label mask does not match the assistant replies ({why}); supervised text "
+        f"{supervised!r}, replies {replies!r}. The chat template and the labels disagree: check the "
+        "tokenizer's chat template (or set template: plain for captions)"
+    )

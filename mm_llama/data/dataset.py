@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import modalities
-from mm_llama.processor import Example, MultimodalProcessor
+from mm_llama.processor import Example, MultimodalProcessor, check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ CONVERSATIONS_KEY = "conversations"
 ID_KEY = "id"
 LOADERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 """File suffix -> ``datasets`` builder."""
+LABEL_CHECK_RECORDS = 8
+"""How many records a training stage decodes at start to check its label mask."""
 TOKENS_PER_WORD = 1.3
 """Text length estimate for length grouping (exact tokenization of every record would cost minutes at
 LLaVA scale; grouping only needs lengths that sort like the real ones)."""
@@ -203,6 +205,24 @@ class ConversationDataset(Dataset[Example]):
         f, row, rec = self._row(index)
         where = self._where(f, row, rec)
         return self.processor(rec[CONVERSATIONS_KEY], self._resolve(f, rec, where), where=where)
+
+    def check_labels(self, records: int = LABEL_CHECK_RECORDS, skip_unreadable: bool = False) -> None:
+        """Fail fast (:class:`~mm_llama.errors.LabelMaskError`) when the supervised tokens of the first
+        ``records`` records are not exactly their assistant replies plus the end-of-turn tokens (see
+        :func:`~mm_llama.processor.check_labels`). ``skip_unreadable`` passes over records whose media
+        cannot be read (a stage with ``on_error: skip``) instead of raising."""
+        checked = 0
+        for index in range(len(self)):
+            if checked == records:
+                break
+            try:
+                example = self[index]
+            except (MMInputError, OSError):
+                if skip_unreadable:
+                    continue
+                raise
+            check_labels(self.processor, self.record(index)[CONVERSATIONS_KEY], example, self.where(index))
+            checked += 1
 
     @property
     def lengths(self) -> list[int]:

@@ -143,6 +143,7 @@ def stage_data(
     base = ConversationDataset(
         stage.data, processor, data_root=stage.data_root, only=stage.only, check_media=not skip
     )
+    base.check_labels(skip_unreadable=skip)
     dataset = StageDataset(base, stage.on_error)
     if dataset.missing and accelerator.is_main_process:
         for s in dataset.missing:

@@ -43,7 +43,7 @@ def test_plain_template_supervises_caption_only(rgb_image: np.ndarray) -> None:
     placeholders = [model.processor.placeholder_ids["image"]] * N_IMAGE_TOKENS
     assert example.input_ids[1 : 1 + N_IMAGE_TOKENS] == placeholders
     supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-    assert model.tokenizer.decode(supervised) == "a cat<|im_end|>"
+    assert model.tokenizer.decode(supervised) == "a cat\n"  # LLaVA's plain separator
     assert len(example.input_ids) == 1 + N_IMAGE_TOKENS + len(supervised)
 
 

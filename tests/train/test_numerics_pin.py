@@ -20,6 +20,12 @@ as the ``one_thread`` fixture sets), with the set-ups below, the old API gave th
     caption_vocabulary(model, stage, "image", 8 / 100) on vocabulary_records(): the ids below, and the
     log line of the anchoring
 
+The numbers here are today's, moved once on purpose: the ``plain`` template became LLaVA's
+``preprocess_plain`` exactly, so a caption ends with the separator ``"\n"`` where it ended with EOS (the
+captions' supervised tokens, which the contrastive objective reads, changed with it). With EOS put back
+as the separator, the code of that change still gave the old numbers above bit for bit; the new ones are
+those it gives with ``"\n"``.
+
 If one of these moves, the losses, the order of random draws, the vocabulary anchoring or the order in
 which parameters are created changed, and the quickstart's table would move with it. (It caught two such
 changes on the way: a processor whose construction drew from the global RNG, and a random LLM sized
@@ -54,17 +60,17 @@ from tests.train.conftest import align_stage, tiny_train_config
 TOLERANCE = 1e-6
 
 PINNED_LOSSES: list[tuple[dict[str, Any], float]] = [  # ContrastiveAligner settings (today's API), loss
-    ({"temperature": 0.07}, 7.011297702789307),
+    ({"temperature": 0.07}, 6.981391906738281),
     (
         {"temperature": 0.1, "terms": {"caption_words": 0.7, "word_match": 0.5, "word_count": 2.0}},
-        50.48341369628906,
+        50.455142974853516,
     ),
-    ({"temperature": 0.07, "weighting": "uniform", "terms": {"word_count": 3.0}}, 74.20404815673828),
-    ({"temperature": 0.07, "terms": {"caption_words": 0.0}}, 3.2531280517578125),
+    ({"temperature": 0.07, "weighting": "uniform", "terms": {"word_count": 3.0}}, 73.84237670898438),
+    ({"temperature": 0.07, "terms": {"caption_words": 0.0}}, 3.2223310470581055),
 ]
 PINNED_HISTORY = {
-    "pretrain": [54.329315185546875, 53.27651596069336, 40.12907409667969],
-    "align": [10.776033401489258, 10.707921981811523],
+    "pretrain": [54.29975128173828, 53.24765396118164, 40.1204719543457],
+    "align": [10.747383117675781, 10.695989608764648],
 }
 PINNED_COLOUR_VOCABULARY = [81, 4177, 2382, 2654, 4461, 5724]  # a, red, green, blue, yellow, picture
 PINNED_VOCABULARY_8 = [81, 1165, 2382, 4461, 7842, 28, 253, 284]
