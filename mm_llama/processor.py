@@ -206,7 +206,12 @@ class MultimodalProcessor:
             check_modality(name)
         handlers = {name: media_tokens(name, spec) for name, spec in config.modalities.items()}
         processor = cls(
-            tokenizer, handlers, config.template, config.system_prompt, config.max_length, config.chat_template
+            tokenizer,
+            handlers,
+            config.template,
+            config.system_prompt,
+            config.max_length,
+            config.chat_template,
         )
         processor.config = config
         return processor
