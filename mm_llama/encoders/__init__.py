@@ -2,6 +2,7 @@
 
 from mm_llama.encoders.audio import AudioTransformerEncoder, ClapAudioEncoder, WhisperAudioEncoder, load_audio
 from mm_llama.encoders.base import ENCODERS, ModalityEncoder, build_encoder
+from mm_llama.encoders.efficientnet_lite import EfficientNetLiteEncoder
 from mm_llama.encoders.image import (
     ConvImageEncoder,
     HFVisionEncoder,
@@ -17,6 +18,7 @@ ENCODERS.register("hf_vision", HFVisionEncoder)
 ENCODERS.register("open_clip", OpenCLIPEncoder)
 ENCODERS.register("timm", TimmEncoder)
 ENCODERS.register("image_cnn", ConvImageEncoder)
+ENCODERS.register("efficientnet_lite0", EfficientNetLiteEncoder)
 ENCODERS.register("patches", PatchEncoder)
 ENCODERS.register("video", VideoEncoder)
 ENCODERS.register("whisper", WhisperAudioEncoder)
