@@ -12,6 +12,7 @@ from mm_llama.encoders.image import (
 )
 from mm_llama.encoders.imu import IMUConvEncoder, IMUTransformerEncoder, load_imu
 from mm_llama.encoders.patches import PatchEncoder
+from mm_llama.encoders.speaker import SpeakerEncoder
 from mm_llama.encoders.video import VideoEncoder
 
 ENCODERS.register("hf_vision", HFVisionEncoder)
@@ -24,6 +25,7 @@ ENCODERS.register("video", VideoEncoder)
 ENCODERS.register("whisper", WhisperAudioEncoder)
 ENCODERS.register("clap", ClapAudioEncoder)
 ENCODERS.register("audio_transformer", AudioTransformerEncoder)
+ENCODERS.register("resemblyzer", SpeakerEncoder)
 ENCODERS.register("imu_transformer", IMUTransformerEncoder)
 ENCODERS.register("imu_cnn", IMUConvEncoder)
 

@@ -53,8 +53,19 @@ STRIDE = 32
 HEAD_CHANNELS = 1280
 BLOCK_CHANNELS = 320
 
-TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-DEPTHWISE_BLOCK_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+TOP_KEYS = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+DEPTHWISE_BLOCK_KEYS = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 INVERTED_BLOCK_KEYS = {
     "_expand_conv": "conv_pw",
     "_bn0": "bn1",
@@ -149,7 +160,9 @@ def load_lite0_weights(model: nn.Module) -> None:
     missing = sorted(set(expected) - set(state))
     wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or wrong:
-        shapes = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}" for k in wrong[:5]]
+        shapes = [
+            f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}" for k in wrong[:5]
+        ]
         raise ValueError(f"{WHAT}: {path} does not fit timm {ARCHITECTURE}: missing {missing[:5]}; {shapes}")
     model.load_state_dict(state, strict=True)
 

@@ -26,7 +26,9 @@ def packaged_file(module: str, relative: str, what: str, install: str = PRETRAIN
     package is missing, or the file is not where that package version keeps it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(f"{what}: the package {module!r} is not installed; install it with: {install}")
+        raise MissingPackageError(
+            f"{what}: the package {module!r} is not installed; install it with: {install}"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     path = root / relative
     if not path.is_file():
