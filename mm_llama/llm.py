@@ -54,9 +54,9 @@ GEMMA3_CHAT_TEMPLATE = (
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     "{%- endif -%}"
     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
-    "{{ (prefix if loop.first else '') + m['content'] | trim }}<end_of_turn>\n"
+    "{{ (prefix if loop.first else '') + m['content'] | trim }}{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 """Gemma 3's turn format (``<start_of_turn>user|model ... <end_of_turn>``, a system prompt folded into the
 first user turn, roles alternating), written for the ``gemma3-270m`` alias: the base model's GGUF carries
