@@ -17,7 +17,8 @@ Out (:func:`export_llava_hf`, ``mm-llama export --format llava-hf``): an image m
 encoder and a ``linear`` or ``mlp2x_gelu`` projector becomes a folder that plain
 ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load: the LLM in
 full precision with its LoRA merged, ``<image>`` in the vocabulary and the embeddings resized to it, a
-``LlavaProcessor`` that expands ``<image>`` to the encoder's token count, and the chat template (with the
+``LlavaProcessor`` that expands ``<image>`` to the encoder's token count (and pads images to a square
+first for ``aspect: pad``), and the chat template (with the
 model's system prompt) accepting both plain-string and list-of-parts message contents. This is the layout
 vLLM serves.
 """
@@ -36,8 +37,10 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
+    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -230,7 +233,10 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 def _from_llava_hf(folder: Path, dtype: Dtype) -> MultimodalLM:
     """See the module docstring. The LLM's modules are reused as loaded (no copy of its weights)."""
-    processor = load_pretrained(str(folder), "llava-hf processor", AutoProcessor.from_pretrained)
+    try:
+        processor = load_pretrained(str(folder), "llava-hf processor", AutoProcessor.from_pretrained)
+    except (OSError, ValueError) as e:  # transformers' errors for a folder without (readable) processor files
+        raise LlavaImportError(f"{folder}: no LlavaProcessor could be loaded from it ({e})") from e
     if not isinstance(processor, LlavaProcessor):
         raise LlavaImportError(
             f"{folder}: expected a LlavaProcessor saved beside the model (processor_config.json, the "
@@ -454,11 +460,6 @@ def check_exportable(config: ModelConfig, where: str = "model") -> None:
                 f"{where}: modalities.image.projector.options.tokens_per_feature is "
                 f"{options.tokens_per_feature}; the llava-hf projector writes 1 token per feature"
             )
-    if spec.encoder.options.get("aspect", "crop") != "crop":
-        raise LlavaExportError(
-            f"{where}: modalities.image.encoder.options.aspect is {spec.encoder.options['aspect']!r}; "
-            "the export supports 'crop'"
-        )
     if config.template != "chat":
         raise LlavaExportError(
             f"{where}: template is {config.template!r} (LLaVA's stage-1 captions); the llava-hf export needs "
@@ -474,6 +475,7 @@ def export_llava_hf(model: MultimodalLM, out: str | Path) -> Path:
     check_exportable(model.config)
     out = Path(out)
     encoder: HFVisionEncoder = model.encoders["image"]
+    image_processor = _hf_image_processor(encoder)
     tokenizer = copy.deepcopy(model.tokenizer)
     template = _dual_template(tokenizer.chat_template, tokenizer, "the model's tokenizer", LlavaExportError)
     tokenizer.chat_template = _with_system_prompt(template, model.config.system_prompt)
@@ -513,7 +515,7 @@ def export_llava_hf(model: MultimodalLM, out: str | Path) -> Path:
     _check_no_meta(llava, "the llava-hf model")
     llava.save_pretrained(out)
     LlavaProcessor(
-        image_processor=encoder.preprocessor.image_processor,
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=int(encoder.tower.config.patch_size),
         vision_feature_select_strategy=strategy,
@@ -523,9 +525,32 @@ def export_llava_hf(model: MultimodalLM, out: str | Path) -> Path:
     return out
 
 
+def _hf_image_processor(encoder: HFVisionEncoder) -> Any:
+    """The encoder's image processor; with ``aspect: pad``, as a ``LlavaImageProcessor`` that pads to a
+    square first (LLaVA-1.5's ``expand2square``, as the encoder does), which needs CLIP's processor."""
+    processor = encoder.preprocessor.image_processor
+    if encoder.options.aspect == "crop":
+        return processor
+    if not isinstance(processor, CLIPImageProcessor):
+        raise LlavaExportError(
+            f"modalities.image.encoder.options.aspect is 'pad': the llava-hf export pads with "
+            f"LlavaImageProcessor, which takes CLIPImageProcessor settings; this encoder's processor is a "
+            f"{type(processor).__name__} (use aspect: crop)"
+        )
+    settings = json.loads(processor.to_json_string())
+    return LlavaImageProcessor.from_dict(
+        {**settings, "image_processor_type": "LlavaImageProcessor", "do_pad": True}
+    )
+
+
 def _full_precision_llm(model: MultimodalLM) -> PreTrainedModel:
     """The model's LLM with any LoRA merged, never 4-bit (a quantized base is reloaded in float32)."""
     cfg = model.config.llm
+    if cfg.quantization != "none" and cfg.from_config is not None:
+        raise LlavaExportError(
+            "llm: a 4-bit LLM built from llm.from_config has no full-precision weights to reload; export "
+            "an LLM loaded from a path or id"
+        )
     if hasattr(model.llm, "merge_and_unload"):
         if cfg.quantization != "none":
             return model._merged_full_precision()

@@ -26,7 +26,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mm_llama import EncoderConfig, LLMConfig, ModelConfig, MultimodalLM, ProjectorConfig
+from mm_llama import EncoderConfig, LLMConfig, ModelConfig, MultimodalLM
 from mm_llama.cli import main
 from mm_llama.config import ModalityConfig, save_config
 from mm_llama.interop.llava import (
@@ -273,6 +273,40 @@ def test_export_refuses_what_llava_hf_cannot_hold(tmp_path: Path, capsys: pytest
 
 
 # ---- llava-hf out ---------------------------------------------------------------------------------------
+def hf_inputs(folder: Path, image: Image.Image) -> tuple[LlavaForConditionalGeneration, dict]:
+    """The exported folder loaded by plain transformers, and its processor's inputs for ``PARTS``."""
+    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template(PARTS, add_generation_prompt=True)
+    return llava, processor(images=image, text=text, return_tensors="pt")
+
+
+def test_linear_padded_model_exports_from_the_cli_and_imports_back(
+    image: Image.Image, tmp_path: Path
+) -> None:
+    """A ``linear`` projector (an identity second layer in llava-hf), LLaVA-1.5's padding, an untied head."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    config.modalities["image"] = tiny_image_modality("linear", aspect="pad", select_layer=-1)
+    model = MultimodalLM(config).eval()
+    example = model.processor(f"<image>\n{QUESTION}", {"image": [image]}, add_generation_prompt=True)
+    ours = logits(model, example)
+    checkpoint, out = model.save_pretrained(tmp_path / "ck", copy_llm=True), tmp_path / "hf"
+    main(["export", "--format", "llava-hf", "--checkpoint", str(checkpoint), "--out", str(out)])
+
+    llava, inputs = hf_inputs(out, image)
+    assert (llava.config.projector_hidden_act, llava.config.vision_feature_layer) == ("linear", -1)
+    assert inputs["input_ids"][0].tolist() == example.input_ids
+    assert torch.equal(inputs["pixel_values"][0], example.media["image"][0])  # padded the same way
+    with torch.no_grad():
+        theirs = llava(**inputs).logits
+    assert (theirs[..., : ours.shape[-1]] - ours).abs().max().item() <= 1e-4
+
+    back = from_llava(out)  # and in again: the two linear layers fold into one
+    assert back.config.modalities["image"].projector.type == "linear"
+    assert (logits(back, example)[..., : ours.shape[-1]] - ours).abs().max().item() <= 1e-4
+
+
 @pytest.mark.slow
 def test_export_to_llava_hf_loads_in_plain_transformers(image: Image.Image, tmp_path: Path) -> None:
     """The real SmolLM2 with a LoRA (random, so merging matters), a random tiny CLIP tower, mlp2x_gelu."""
@@ -296,13 +330,12 @@ def test_export_to_llava_hf_loads_in_plain_transformers(image: Image.Image, tmp_
     merged = logits(model, example)  # the export merged the LoRA into this model's LLM, as copy_llm does
     assert not hasattr(model.llm, "peft_config")
     assert (merged - ours).abs().max().item() <= 1e-3  # merging only reorders float32 sums
-    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    llava, inputs = hf_inputs(tmp_path / "hf", image)
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     text = processor.apply_chat_template(PARTS, add_generation_prompt=True)
     as_string = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
     assert processor.apply_chat_template(as_string, add_generation_prompt=True) == text
     assert "Answer in one word." in text  # the model's system prompt travels in the template
-    inputs = processor(images=image, text=text, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == example.input_ids
     assert llava.config.text_config.vocab_size == vocab + 1  # <image> joined the vocabulary
     with torch.no_grad():
