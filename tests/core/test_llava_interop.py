@@ -29,6 +29,8 @@ from transformers import (
 from mm_llama import EncoderConfig, LLMConfig, ModelConfig, MultimodalLM
 from mm_llama.cli import main
 from mm_llama.config import ModalityConfig, save_config
+from mm_llama.encoders.base import build_preprocessor
+from mm_llama.errors import MMInputError
 from mm_llama.interop.llava import (
     LlavaExportError,
     LlavaImportError,
@@ -344,3 +346,9 @@ def test_export_to_llava_hf_loads_in_plain_transformers(image: Image.Image, tmp_
     generated = llava.generate(**inputs, max_new_tokens=6, do_sample=False)
     start = inputs["input_ids"].shape[1]
     assert processor.decode(generated[0, start:], skip_special_tokens=True).strip() == answer.strip()
+
+
+def test_hf_vision_image_processor_settings_must_name_a_class() -> None:
+    options = {"config": TINY_CLIP, "image_processor": {"image_processor_type": "NoSuchImageProcessor"}}
+    with pytest.raises(MMInputError, match="image_processor_type must name a transformers image processor"):
+        build_preprocessor("image", EncoderConfig(type="hf_vision", options=options))
