@@ -1,4 +1,5 @@
-"""The ``mm-llama`` command: train, chat, eval, toyworld, realworld, cache-features, export, demo.
+"""The ``mm-llama`` command: train, chat, eval, toyworld, realworld, cache-features, export, import-llava,
+demo.
 
 Every subcommand but ``toyworld`` takes ``--plugin FILE`` to register modalities or encoders first.
 
@@ -124,8 +125,32 @@ def _chat(args: argparse.Namespace) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from mm_llama.model import MultimodalLM
 
+    if args.format == "llava-hf":
+        from mm_llama.config import ModelConfig, load_config
+        from mm_llama.interop.llava import check_exportable, export_llava_hf
+        from mm_llama.processor import MODEL_CONFIG_FILE
+
+        config_file = Path(args.checkpoint) / MODEL_CONFIG_FILE
+        if config_file.is_file():  # refuse what llava-hf cannot hold before loading any weights
+            check_exportable(load_config(ModelConfig, config_file), str(args.checkpoint))
+        print(f"wrote {export_llava_hf(MultimodalLM.from_pretrained(args.checkpoint), args.out)}")
+        return
     model = MultimodalLM.from_pretrained(args.checkpoint)
     print(f"wrote {model.save_pretrained(args.out, copy_llm=True)}")
+
+
+def _run_import_llava(args: argparse.Namespace) -> None:
+    from mm_llama.interop.llava import import_llava
+
+    out = import_llava(
+        args.source,
+        args.out,
+        llm=args.llm,
+        vision_tower=args.vision_tower,
+        allow_pickle=args.allow_pickle,
+        dtype=args.dtype,
+    )
+    print(f"wrote {out}")
 
 
 def _lazy(target: str) -> Runner:
@@ -167,6 +192,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Any], Runner]
         _lazy("mm_llama.train.cli:run_cache_features"),
     ),
     "export": ("write a self-contained checkpoint", cli_args.add_export_args, _run_export),
+    "import-llava": (
+        "a llava-hf folder or LLaVA-1.5 projector -> an mm_llama checkpoint",
+        cli_args.add_import_llava_args,
+        _run_import_llava,
+    ),
     "demo": (
         "serve the Gradio demo for a checkpoint",
         cli_args.add_demo_args,

@@ -62,11 +62,41 @@ def add_chat_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--checkpoint DIR --out DIR``."""
+    """``--checkpoint DIR --out DIR [--format mm_llama|llava-hf]``."""
     add_plugin_arg(parser)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument(
         "--out", required=True, help="folder for a self-contained copy (LLM with LoRA merged)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["mm_llama", "llava-hf"],
+        default="mm_llama",
+        help="mm_llama: a checkpoint with llm/ (default); llava-hf: for transformers' "
+        "LlavaForConditionalGeneration + AutoProcessor (and vLLM); image models with an hf_vision encoder "
+        "and a linear or mlp2x_gelu projector",
+    )
+    return parser
+
+
+def add_import_llava_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``SRC --out DIR [--llm NAME] [--vision-tower NAME] [--allow-pickle] [--dtype D]``."""
+    parser.add_argument(
+        "source",
+        help="a llava-hf folder, or a LLaVA-1.5 projector checkpoint (its folder or mm_projector.bin)",
+    )
+    parser.add_argument("--out", required=True, help="folder for the mm_llama checkpoint")
+    parser.add_argument("--llm", help="LLM path or id (default: _name_or_path in LLaVA's config.json)")
+    parser.add_argument(
+        "--vision-tower", help="vision tower path or id (default: mm_vision_tower in LLaVA's config.json)"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a pickle mm_projector.bin (with torch.load(weights_only=True)); refused otherwise",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the LLM's dtype"
     )
     return parser
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import mm_llama.encoders  # noqa: F401  (registers the built-in encoders)
 import mm_llama.projectors  # noqa: F401  (registers the built-in projectors)
-from mm_llama.config import ModelConfig, from_dict, load_config
+from mm_llama.config import Dtype, ModelConfig, from_dict, load_config
 from mm_llama.encoders.base import ModalityEncoder, build_encoder
 from mm_llama.generation import GenerationMixin
 from mm_llama.llm import load_llm, load_tokenizer
@@ -74,6 +74,21 @@ class MultimodalLM(GenerationMixin, CheckpointMixin, nn.Module):
         elif isinstance(config, dict):
             config = from_dict(ModelConfig, config.get("model", config))
         return cls(config)
+
+    @classmethod
+    def from_llava(
+        cls,
+        path: str | Path,
+        llm: str | None = None,
+        vision_tower: str | None = None,
+        allow_pickle: bool = False,
+        dtype: Dtype = "float32",
+    ) -> MultimodalLM:
+        """Import a llava-hf folder or an original LLaVA-1.5 projector checkpoint (``mm_projector.bin``,
+        read only with ``allow_pickle``); see :mod:`mm_llama.interop.llava`."""
+        from mm_llama.interop.llava import from_llava
+
+        return from_llava(path, llm=llm, vision_tower=vision_tower, allow_pickle=allow_pickle, dtype=dtype)
 
     @property
     def device(self) -> torch.device:

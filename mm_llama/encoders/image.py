@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPImageProcessor
+from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
 from mm_llama.encoders.base import MediaPreprocessor, ModalityEncoder, load_weights, read_bytes
 from mm_llama.errors import MissingInputError, MMInputError
@@ -117,7 +118,7 @@ def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image
     if w == h:
         return image
     side = max(w, h)
-    canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in fill))
+    canvas = Image.new("RGB", (side, side), tuple(int(c * 255) for c in fill))  # LLaVA truncates too
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
@@ -137,6 +138,10 @@ class HFVisionOptions:
     """``patch``: drop the CLS token (LLaVA's default); ``cls_patch``: keep it."""
     aspect: Aspect = "crop"
     """``crop``: resize + centre crop (CLIP's processor); ``pad``: pad to square first (LLaVA-1.5)."""
+    image_processor: dict[str, Any] | None = None
+    """A transformers image processor's settings (its ``to_dict()``, with ``image_processor_type``) to use
+    instead of the checkpoint's own or CLIP's defaults: how an imported llava-hf model keeps its resizing
+    and normalization."""
 
 
 def hf_tower_config(options: HFVisionOptions) -> Any:
@@ -160,7 +165,9 @@ class HFVisionPreprocessor(MediaPreprocessor):
     def __init__(self, options: HFVisionOptions) -> None:
         super().__init__(options)
         config = hf_tower_config(options)
-        if options.config is not None:
+        if options.image_processor is not None:
+            self.image_processor = image_processor_from_dict(options.image_processor)
+        elif options.config is not None:
             self.image_processor = _default_processor(config)
         else:
             self.image_processor = _load_processor(options.name_or_path, config)
@@ -223,6 +230,18 @@ def _load_processor(source: str, vision_config: Any) -> Any:
     if Path(source).is_dir() and not (Path(source) / "preprocessor_config.json").is_file():
         return _default_processor(vision_config)
     return load_pretrained(source, "hf_vision image processor", AutoImageProcessor.from_pretrained)
+
+
+def image_processor_from_dict(settings: dict[str, Any]) -> Any:
+    """The transformers image processor that ``settings`` (a processor's ``to_dict()``) describe."""
+    name = settings.get("image_processor_type")
+    cls = get_image_processor_class_from_name(name) if isinstance(name, str) else None
+    if cls is None:
+        raise MMInputError(
+            "hf_vision encoder: options.image_processor.image_processor_type must name a transformers image "
+            f"processor class (e.g. 'CLIPImageProcessor'), got {name!r}"
+        )
+    return cls.from_dict(settings)
 
 
 def _default_processor(vision_config: Any) -> CLIPImageProcessor:
