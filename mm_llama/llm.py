@@ -115,11 +115,14 @@ class GGUFAlias:
     """Finds (or assembles, in the given scratch folder) the GGUF file."""
     chat_template: str | None = None
     """Given to the tokenizer when the GGUF has none."""
+    special_tokens: tuple[str, ...] = ()
+    """Vocabulary tokens the GGUF does not flag as special (turn markers): flagged, so that decoding with
+    ``skip_special_tokens`` drops them as it does with the Hugging Face tokenizer."""
 
 
 ALIASES: dict[str, GGUFAlias] = {
     SMOLLM2_ALIAS: GGUFAlias(_smollm2_gguf),
-    GEMMA3_ALIAS: GGUFAlias(_gemma3_gguf, GEMMA3_CHAT_TEMPLATE),
+    GEMMA3_ALIAS: GGUFAlias(_gemma3_gguf, GEMMA3_CHAT_TEMPLATE, ("<start_of_turn>", "<end_of_turn>")),
 }
 """``llm.name_or_path`` values that resolve to a cached, dequantized copy of a packaged GGUF."""
 
@@ -138,6 +141,13 @@ def _materialize(name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if alias.chat_template and not tokenizer.chat_template:
             tokenizer.chat_template = alias.chat_template
+        if alias.special_tokens:
+            size = len(tokenizer)
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": list(alias.special_tokens)}, replace_extra_special_tokens=False
+            )
+            if len(tokenizer) != size:
+                raise ValueError(f"{gguf}: {alias.special_tokens} are not all in the GGUF's vocabulary")
         gguf_model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )

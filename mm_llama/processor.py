@@ -500,7 +500,9 @@ def check_labels(
     left out for length are not expected; a reply cut at ``max_length`` is compared up to the cut."""
     tokenizer = processor.tokenizer
     replies = [m["content"] for m in normalize_messages(conversation, where) if m["role"] == "assistant"]
-    special = set(tokenizer.all_special_ids)
+    # special and added tokens, and what the template closes a turn with (found by construction)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    special.update(processor.end_of_turn_ids())
 
     def is_end(token: int) -> bool:
         return token in special or not tokenizer.decode([token]).strip()

@@ -5,7 +5,7 @@ The templates below are written here in the shapes of Llama 3, Mistral (v0.1: ro
 system role), Vicuna v1 (LLaVA's ``conv_vicuna_v1``: one line, `` USER: `` / `` ASSISTANT: ``, replies end
 with ``</s>``) and one without a generation-prompt marker (the assistant header is written with the
 reply only); ChatML is SmolLM2's own, and the Vicuna-style fallback is used when a tokenizer has none.
-Gemma 3's is tested on the real Gemma in ``test_gemma.py``."""
+Gemma 3's is tested on the real Gemma in ``tests/train/test_gemma.py``."""
 
 from __future__ import annotations
 
