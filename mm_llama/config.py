@@ -103,7 +103,8 @@ class ModelConfig:
     """Longest token sequence the processor emits; longer conversations drop whole turns."""
     chat_template: str | None = None
     """``None``: the tokenizer's own chat template (a Vicuna-style USER/ASSISTANT fallback when it has
-    none); ``fallback``: that fallback; any other string: a Jinja chat template used instead."""
+    none); ``fallback``: that fallback; ``vicuna_v1``: LLaVA-1.5's conversation (``USER: ... ASSISTANT:
+    ...</s>``, what its checkpoints were trained with); any other string: a Jinja chat template."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -52,6 +52,23 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
 )
 """Used when the tokenizer has no chat template (a base model): Vicuna-style USER/ASSISTANT turns."""
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = 'A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human\\'s questions.' -%}"
+    "{%- set turns = messages -%}{%- endif -%}"
+    "{{ system }}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'user' -%}{{ (' ' if loop.first else '') + 'USER: ' + m['content'] + ' ' }}"
+    "{%- else -%}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+"""LLaVA-1.5's conversation (its ``conv_vicuna_v1``): the system prompt, then ``USER: ... ASSISTANT: ...</s>``
+turns on one line, separated by a space after the user's turn and by EOS after the assistant's."""
+CHAT_TEMPLATES = {"fallback": FALLBACK_CHAT_TEMPLATE, "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE}
+"""Named templates the ``chat_template`` option accepts besides a Jinja string."""
 PLAIN_SEPARATOR = "\n"
 """What ends a reply under the ``plain`` template: LLaVA's ``conv_llava_plain.sep``."""
 REPLY_SENTINEL = "\x00mm_llama_reply\x00"
@@ -167,7 +184,7 @@ class MultimodalProcessor:
         self.system_prompt = system_prompt
         self.max_length = max_length
         if chat_template is not None:
-            tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE if chat_template == "fallback" else chat_template
+            tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
         elif template == "chat" and not tokenizer.chat_template:
             tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
         markers = [marker(m) for m in handlers]
@@ -278,8 +295,8 @@ class MultimodalProcessor:
         The reply spans are found by construction, whatever the template: the conversation up to an
         assistant turn is rendered with a sentinel as that turn's content, and the text before the
         sentinel is exactly what precedes the reply (the header included, whether or not the template has
-        a generation-prompt marker). The prompt to answer ends the same way, so generation sees the very
-        header the replies were trained after."""
+        a generation-prompt marker), but for a trailing space, which starts the reply. The prompt to answer
+        ends the same way, so generation sees the very header the replies were trained after."""
         if self.template == "plain":
             return self._render_plain(messages)
         if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
@@ -293,7 +310,9 @@ class MultimodalProcessor:
                     "the tokenizer's chat template drops the assistant's reply text, so replies cannot be "
                     "supervised; give a chat template that renders them"
                 )
-            return probe[:at]
+            # a space between the header and the reply goes with the reply ("ASSISTANT:" + " Red"), as when
+            # the whole conversation is tokenized at once and as a generation prompt ends ("ASSISTANT:")
+            return probe[:at].rstrip(" ")
 
         full = self._apply_template(messages)
         if add_generation_prompt:

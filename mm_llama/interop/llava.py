@@ -397,6 +397,7 @@ def _from_projector(
                 projector=ProjectorConfig(type=projector_type),
             )
         },
+        chat_template="vicuna_v1",  # the conversation LLaVA-1.5 was trained with (conv_vicuna_v1)
     )
     model = MultimodalLM(config)
     mapping = PROJECTOR_KEYS[projector_type]

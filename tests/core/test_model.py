@@ -62,7 +62,7 @@ def test_fallback_template_without_chat_template(rgb_image: np.ndarray) -> None:
     )
     assert text.startswith("USER:  hi\nASSISTANT: yo")
     supervised = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-    assert model.tokenizer.decode(supervised).startswith("yo")
+    assert model.tokenizer.decode(supervised) == " yo<|im_end|>\n"  # the space after "ASSISTANT:" starts it
 
 
 def test_marker_count_mismatch_is_explained(tiny_model: MultimodalLM, rgb_image: np.ndarray) -> None:

@@ -2,9 +2,10 @@
 training stage runs at start (``check_labels``) fails with a named error when labels and replies disagree.
 
 The templates below are written here in the shapes of Llama 3, Mistral (v0.1: roles must alternate, no
-system role), Vicuna v1 (LLaVA's ``conv_vicuna_v1``: one line, `` USER: `` / `` ASSISTANT: ``, replies end
-with ``</s>``) and one without a generation-prompt marker (the assistant header is written with the
-reply only); ChatML is SmolLM2's own, and the Vicuna-style fallback is used when a tokenizer has none.
+system role) and one without a generation-prompt marker (the assistant header is written with the
+reply only); ChatML is SmolLM2's own, the Vicuna-style fallback is used when a tokenizer has none, and
+``vicuna_v1`` is the built-in LLaVA-1.5 conversation (its ``conv_vicuna_v1``: one line, ``USER: ...
+ASSISTANT: ...</s>``).
 Gemma 3's is tested on the real Gemma in ``tests/train/test_gemma.py``."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mm_llama.llm import load_tokenizer
 from mm_llama.processor import (
     IGNORE_INDEX,
     PLAIN_SEPARATOR,
+    VICUNA_V1_CHAT_TEMPLATE,
     MultimodalProcessor,
     ProcessorConfig,
     check_labels,
@@ -39,28 +41,21 @@ MISTRAL = (
     "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
     "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
 )
-VICUNA_V1 = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}A chat between a curious "
-    "user and an artificial intelligence assistant.{% endif %}"
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ ' USER: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
 NO_GENERATION_MARKER = (
     "{% for m in messages %}{% if m['role'] == 'user' %}### Human: {{ m['content'] }}\n"
     "{% elif m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}{{ eos_token }}\n"
     "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
 )
 TEMPLATES = {
-    "chatml": (None, "<|im_end|>\n"),
-    "fallback": ("fallback", "<|im_end|>\n"),
-    "llama3": (LLAMA3, "<|eot_id|>"),
-    "mistral": (MISTRAL, "<|im_end|>"),
-    "vicuna_v1": (VICUNA_V1, "<|im_end|>"),
-    "no_generation_marker": (NO_GENERATION_MARKER, "<|im_end|>\n"),
+    "chatml": (None, "", "<|im_end|>\n"),
+    "fallback": ("fallback", " ", "<|im_end|>\n"),
+    "llama3": (LLAMA3, "", "<|eot_id|>"),
+    "mistral": (MISTRAL, "", "<|im_end|>"),
+    "vicuna_v1": ("vicuna_v1", " ", "<|im_end|>"),
+    "no_generation_marker": (NO_GENERATION_MARKER, " ", "<|im_end|>\n"),
 }
-"""name -> (chat_template option, what ends an assistant turn with SmolLM2's tokenizer, whose EOS is
-``<|im_end|>``)."""
+"""name -> (chat_template option, what starts a supervised reply: the space after a header such as
+"ASSISTANT:", what ends an assistant turn with SmolLM2's tokenizer, whose EOS is ``<|im_end|>``)."""
 ALTERNATING_ONLY = {"mistral"}
 NO_SYSTEM = {"mistral"}
 
@@ -136,10 +131,10 @@ def test_labels_are_exactly_the_replies(smollm2_tokenizer, template: str, conver
             processor(turns, {"image": [image]})
         return
     example = processor(turns, {"image": [image]})
-    end = TEMPLATES[template][1]
+    _, start, end = TEMPLATES[template]
     replies = [t["value"] for t in turns if t["from"] == "gpt"]
     runs = supervised_runs(processor, example)
-    assert "".join(runs) == "".join(r + end for r in replies)
+    assert "".join(runs) == "".join(start + r + end for r in replies)
     check_labels(processor, turns, example, "test")
     # the prompt to answer ends with the header the replies were trained after
     prompt = processor(turns[:-1], {"image": [image]}, add_generation_prompt=True)
@@ -152,7 +147,7 @@ def test_labels_are_exactly_the_replies(smollm2_tokenizer, template: str, conver
 def test_generation_prompt_of_a_template_without_marker(smollm2_tokenizer) -> None:
     processor = processor_for(smollm2_tokenizer, "no_generation_marker")
     prompt = processor("What is it?", add_generation_prompt=True)
-    assert processor.tokenizer.decode(prompt.input_ids) == "### Human: What is it?\n### Assistant: "
+    assert processor.tokenizer.decode(prompt.input_ids) == "### Human: What is it?\n### Assistant:"
     assert processor.end_of_turn_ids() == [processor.tokenizer.eos_token_id]
 
 
@@ -220,7 +215,9 @@ def test_a_training_dataset_checks_its_labels_at_build_time(smollm2_tokenizer, t
     (tmp_path / "data.json").write_text(json.dumps(records))
     processor = processor_for(smollm2_tokenizer, "vicuna_v1")
     ConversationDataset(tmp_path / "data.json", processor).check_labels()
-    processor.tokenizer.chat_template = VICUNA_V1.replace("m['content'] + eos_token", "m['content'] | lower")
+    processor.tokenizer.chat_template = VICUNA_V1_CHAT_TEMPLATE.replace(
+        "m['content'] + eos_token", "m['content'] | lower"
+    )
     with pytest.raises(LabelMaskError, match=r"data.json:0: the label mask does not match"):
         ConversationDataset(tmp_path / "data.json", processor).check_labels()
 
