@@ -130,6 +130,7 @@ class GenerationMixin:
                 logger.warning(
                     "prompt %d: its %d oldest turn(s) were left out to fit max_length=%d",
                     i, example.dropped_turns, self.processor.max_length,
+                    extra={"dropped_turns": example.dropped_turns},  # for callers that say it their way
                 )  # fmt: skip
             examples.append(example)
         return self.processor.collate(examples, padding_side="left")
