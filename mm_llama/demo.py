@@ -501,11 +501,13 @@ def serve(
     port: int = 7860,
     share: bool = False,
     block: bool = True,
-    examples_dir: Path = EXAMPLES_DIR,
+    examples_dir: Path | None = None,
 ) -> gr.Blocks:
     """Load a checkpoint and serve its demo (one generation runs at a time, uploads up to
-    ``MAX_UPLOAD_SIZE``); until interrupted, or with ``block=False`` in the background (``close()`` it)."""
+    ``MAX_UPLOAD_SIZE``, examples written to ``examples_dir``, default ``EXAMPLES_DIR``); until
+    interrupted, or with ``block=False`` in the background (``close()`` the app it returns)."""
     model = MultimodalLM.from_pretrained(checkpoint).eval()
+    examples_dir = EXAMPLES_DIR if examples_dir is None else examples_dir
     app = build_app(model, Path(checkpoint), examples_dir).queue(default_concurrency_limit=1)
     app.launch(
         server_name=host,
