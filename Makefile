@@ -8,8 +8,9 @@ PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
 
-# Debian data and programs of the real-data run and its tests (CI runs as root on a fresh Debian machine).
-APT_PACKAGES := dataset-fashion-mnist espeak-ng
+# Debian data and programs of the real-data run and its tests (CI runs as root on a fresh Debian machine),
+# and the chromium the demo's browser test drives through Playwright (never `playwright install`).
+APT_PACKAGES := dataset-fashion-mnist espeak-ng chromium
 
 .PHONY: install system-deps quickstart realworld test lint clean
 

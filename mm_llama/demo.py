@@ -137,25 +137,27 @@ def _public(text: str, media: dict[str, list[MediaItem]]) -> str:
 
 
 def _notes(
-    records: list[logging.LogRecord], new: dict[str, list[MediaItem]], conversation: Conversation
+    records: list[logging.LogRecord],
+    new: dict[str, list[MediaItem]],
+    conversation: Conversation,
+    max_length: int,
 ) -> list[str]:
     """The reply header's lines: inputs the encoders read only part of, and oldest turns newly left out."""
+    paths = [str(i) for items in new.values() for i in items if isinstance(i, (str, Path))]
     notes: list[str] = []
     for record in records:
         dropped = getattr(record, "dropped_turns", None)
         if dropped is None:
-            message = record.getMessage()
-            for item in (i for items in new.values() for i in items if isinstance(i, (str, Path))):
-                if str(item) in message and message not in _NOTES_BY_INPUT.setdefault(str(item), []):
-                    _NOTES_BY_INPUT[str(item)].append(message)
-            notes.append(message)
+            notes.append(record.getMessage())
+            for path in (p for p in paths if p in notes[-1]):
+                _NOTES_BY_INPUT.setdefault(path, []).append(notes[-1])
         elif dropped > conversation.dropped_turns:
             notes.append(
                 f"This chat is longer than the model reads: its {dropped} oldest turn(s) are left out "
-                f"(max_length {record.args[2]} tokens); New chat starts afresh."
+                f"(max_length {max_length} tokens); New chat starts afresh."
             )
-    for item in (i for items in new.values() for i in items if isinstance(i, (str, Path))):
-        notes += [n for n in _NOTES_BY_INPUT.get(str(item), []) if n not in notes]
+    for path in paths:
+        notes += [n for n in dict.fromkeys(_NOTES_BY_INPUT.get(path, [])) if n not in notes]
     return [_public(n, new) for n in notes]
 
 
@@ -230,7 +232,7 @@ def answer(
             )
         finally:
             logging.getLogger("mm_llama").removeHandler(notices)
-        notes = _notes(notices.records, new, conversation)
+        notes = _notes(notices.records, new, conversation, model.processor.max_length)
         if notes:
             yield [*history, {"role": "assistant", "content": _content(notes, "")}]
         for piece in pieces:
@@ -238,6 +240,7 @@ def answer(
             yield [*history, {"role": "assistant", "content": _content(notes, reply.strip())}]
     except Exception as e:  # the UI boundary: show the error in the chat instead of failing the request
         logger.exception("demo: could not answer %r", question)
+        # generate() names its one prompt "prompt 0"; the chat has one question at a time
         error = _public(f"Error: {e}", all_media).replace("Error: prompt 0: ", "Error: ")
         yield [*history, {"role": "assistant", "content": _content(notes, error)}]
         return

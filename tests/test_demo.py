@@ -305,7 +305,9 @@ def test_inputs_cut_to_the_encoder_window_are_noted_without_server_paths(
     bad = upload / "walk.csv"
     bad.write_text("timestamp,acc_x\n0,1\n")
     error = list(answer(media_model, "Activity?", {"imu": str(bad)}, [], 4, 0.0))[-1][-1]["content"]
-    assert error.startswith("Error: IMU walk.csv: expected 6 channels (accelerometer x/y/z + gyroscope x/y/z)")
+    assert error.startswith(
+        "Error: IMU walk.csv: expected 6 channels (accelerometer x/y/z + gyroscope x/y/z)"
+    )
     assert str(upload) not in error and "\n" not in error
 
 

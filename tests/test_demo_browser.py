@@ -301,14 +301,20 @@ def test_phone_width_labels_and_upload_limit(browser: Browser, server: tuple[str
     box = question_box(page).bounding_box()
     assert box is not None and box["y"] + box["height"] <= 844  # on the first screen
 
-    labels = [page.locator(f"#input-{name} input[type=file]").first for name in ("image", "audio", "video")]
-    labels += [page.locator(f"#input-{name} input[type=file]").first for name in ("imu", "depth")]
-    names = [label.get_attribute("aria-label") for label in labels]
-    assert names == ["Image", "Audio", "Video", "IMU recording (CSV / NPY / NPZ)", "depth file"]
+    labels = {
+        "image": "Image",
+        "audio": "Audio",
+        "video": "Video",
+        "imu": "IMU recording (CSV / NPY / NPZ)",
+        "depth": "depth file",
+    }
+    for name, label in labels.items():  # named by a script the page runs once loaded: wait for it
+        expect(page.locator(f"#input-{name} input[type=file]").first).to_have_attribute("aria-label", label)
     assert page.get_by_role("button", name="Clear", exact=True).count() <= 1  # the chat's trash icon only
 
     too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (21 * 1024 * 1024)}
     page.locator("#input-image input[type=file]").set_input_files(too_big)
-    expect(page.locator(".toast-body").filter(has_text="20")).to_be_visible()
+    refusal = 'File(s) exceed the maximum allowed size of 20.0 Mb: "huge.png"'
+    expect(page.locator(".toast-body").filter(has_text=refusal)).to_be_visible()
     assert page.locator("#input-image img").count() == 0
     page.context.close()
