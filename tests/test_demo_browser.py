@@ -196,7 +196,7 @@ def test_one_chat_with_every_input_kind(
     assert "Stages: align → instruct" in header and "Held-out accuracy: 31.2% (16 questions)" in header
 
     # an example fills the question and the image in one click; sampling at temperature 2 streams
-    set_number(page, "Max new tokens", "24")
+    set_number(page, "Max new tokens", "32")
     set_number(page, "Temperature (0 = greedy)", "2")
     example = page.get_by_test_id("dataset-cell-0-0")
     question = example.inner_text().strip()
