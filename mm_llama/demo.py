@@ -252,26 +252,21 @@ def answer(
     conversation.media = all_media
 
 
-class ImageInput(gr.Image):
-    """``gr.Image`` that hands over the upload's path even when PIL cannot open it: ``gr.Image`` opens
-    every upload before the handler runs, so a bad file only showed red "Error" badges; this way
-    :func:`answer` says in the chat what is wrong with it."""
+def uploaded(value: Any) -> MediaItem:
+    """An input's value as the reply handler gets it: the uploaded file's path, or ``None``.
 
-    def get_block_name(self) -> str:
-        return "image"  # the same page component as gr.Image
-
-    def preprocess(self, payload: Any) -> str | None:
-        try:
-            return super().preprocess(payload)
-        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError
-            return payload.path
+    The handler runs with ``preprocess=False``: ``gr.Image`` opens every upload with PIL before a handler
+    runs, so a bad file only showed red "Error" badges; unprocessed, each input is its upload's file data
+    (already moved to gradio's upload folder and checked to be there), and :func:`answer` says in the chat
+    what is wrong with a bad one."""
+    return value.get("path") if isinstance(value, dict) else value
 
 
 def media_input(name: str) -> gr.components.Component:
     """The input component for one modality, each with its own label; plugin modalities get a file upload.
     Every one hands over a file path."""
     if name == "image":
-        return ImageInput(type="filepath", label="Image", elem_id="input-image")
+        return gr.Image(type="filepath", label="Image", elem_id="input-image")
     if name == "audio":
         return gr.Audio(type="filepath", label="Audio", elem_id="input-audio")
     if name == "video":
@@ -440,7 +435,7 @@ def build_app(
             return "", session, gr.update(interactive=False)
 
         def respond(
-            session: Session, tokens: float, temp: float, p: float, *items: MediaItem
+            session: Session, tokens: float, temp: float, p: float, *items: dict[str, Any] | None
         ) -> Iterator[History | Any]:
             if session.pending is None:  # a send refused while the reply before it was written
                 yield gr.skip()
@@ -450,7 +445,7 @@ def build_app(
                 chats = answer(
                     model,
                     text,
-                    dict(zip(names, items)),
+                    {name: uploaded(item) for name, item in zip(names, items)},
                     session.history,
                     tokens,
                     temp,
@@ -487,6 +482,7 @@ def build_app(
                 respond,
                 [state, max_new_tokens, temperature, top_p, *inputs],
                 [chatbot],
+                preprocess=False,  # the uploads' paths as they are: see uploaded()
                 concurrency_id="generate",
                 api_visibility="private",
             ).then(lambda: gr.update(interactive=True), None, [send], queue=False, api_visibility="private")

@@ -25,12 +25,12 @@ from mm_llama.cli import main as cli_main  # noqa: E402
 from mm_llama.demo import (  # noqa: E402
     MAX_UPLOAD_SIZE,
     Conversation,
-    ImageInput,
     answer,
     build_app,
     describe_checkpoint,
     media_input,
     toy_examples,
+    uploaded,
 )
 from tests.conftest import tiny_config, tiny_image_modality  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_build_app_shows_the_checkpoint_modalities() -> None:
     parts = components(build_app(model))
 
     kinds = [type(c) for c in parts]
-    assert kinds.count(ImageInput) == 1 and kinds.count(gr.Audio) == 1
+    assert kinds.count(gr.Image) == 1 and kinds.count(gr.Audio) == 1
     assert gr.Video not in kinds and gr.File not in kinds
     assert all(c.type == "filepath" for c in parts if isinstance(c, (gr.Image, gr.Audio)))
     assert kinds.count(gr.Chatbot) == 1 and kinds.count(gr.Textbox) == 1
@@ -208,7 +208,7 @@ def test_cli_and_launcher_serve_the_checkpoint(
         ("127.0.0.1", 7999, True),
     ]
     assert all(c["max_file_size"] == MAX_UPLOAD_SIZE == "20mb" for c in launched)
-    assert all(ImageInput in c["inputs"] and gr.Audio not in c["inputs"] for c in launched)
+    assert all(gr.Image in c["inputs"] and gr.Audio not in c["inputs"] for c in launched)
 
 
 def test_the_demo_does_not_import_the_cli() -> None:
@@ -313,15 +313,17 @@ def test_inputs_cut_to_the_encoder_window_are_noted_without_server_paths(
 
 def test_an_unreadable_image_upload_reaches_the_chat(media_model: MultimodalLM, tmp_path: Path) -> None:
     """Problem 3: gr.Image opened the upload with PIL before the handler ran, so the page showed only red
-    "Error" badges; the demo's image input hands the file over and the chat names it."""
+    "Error" badges; the reply handler takes the uploads unprocessed and the chat names the bad one."""
     bad = tmp_path / "gradio" / "photo.png"
     bad.parent.mkdir()
     bad.write_text("not an image")
     payload = gr.Image.data_model(path=str(bad), orig_name="photo.png")
     with pytest.raises(OSError):
         gr.Image(type="filepath").preprocess(payload)
-    path = ImageInput(type="filepath").preprocess(payload)
-    assert path == str(bad)
+    respond = [f for f in build_app(media_model).fns.values() if f.name == "respond"]
+    assert len(respond) == 2 and not any(f.preprocess for f in respond)  # Send and Enter
+    path = uploaded(payload.model_dump())
+    assert path == str(bad) and uploaded(None) is None
     error = list(answer(media_model, "What?", {"image": path}, [], 4, 0.0))[-1][-1]["content"]
     assert error.startswith("Error: image photo.png: not an image file that PIL can read")
     assert str(bad.parent) not in error and "\n" not in error
