@@ -241,7 +241,7 @@ def test_one_chat_with_every_input_kind(
     assert "oldest turn(s) are left out (max_length 96 tokens)" in chat
 
     # a bad image upload: one line in the chat naming the file, no server path
-    upload(page, "image", uploads / "broken.png", "img")
+    upload(page, "image", uploads / "broken.png", "img[src*='broken.png']")  # not the example's picture
     error = ask(page, "And this picture?")
     assert error.startswith("Error: image broken.png: not an image file that PIL can read"), error
     assert "\n" not in error.strip() and "/tmp" not in error
@@ -274,6 +274,7 @@ def test_a_question_typed_during_a_reply_is_kept(browser: Browser, server: tuple
     page.get_by_role("button", name="Stop").click()
     stopped = wait_for_reply(page, 1)
     assert stopped.strip().endswith("(stopped)") and box.input_value() == "typed while it streams"
+    set_number(page, "Max new tokens", "8")
     page.locator("#send").click()
     reply = wait_for_reply(page, 2)
     assert reply and not reply.startswith("Error") and box.input_value() == ""
@@ -294,7 +295,9 @@ def test_two_users_at_once_get_their_own_replies(browser: Browser, server: tuple
         page.context.close()
 
 
-def test_phone_width_labels_and_upload_limit(browser: Browser, server: tuple[str, gr.Blocks]) -> None:
+def test_phone_width_labels_and_upload_limit(
+    browser: Browser, server: tuple[str, gr.Blocks], tmp_path: Path
+) -> None:
     """Problem 6: at 390 px the question box was 2,000 px down; the four uploads were all "File upload"
     to a screen reader; two buttons were named "Clear"; a 36 MB PNG was accepted."""
     page = open_page(browser, server[0], width=390, height=844)
@@ -312,7 +315,9 @@ def test_phone_width_labels_and_upload_limit(browser: Browser, server: tuple[str
         expect(page.locator(f"#input-{name} input[type=file]").first).to_have_attribute("aria-label", label)
     assert page.get_by_role("button", name="Clear", exact=True).count() <= 1  # the chat's trash icon only
 
-    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": b"\0" * (21 * 1024 * 1024)}
+    too_big = tmp_path / "huge.png"
+    with too_big.open("wb") as f:
+        f.truncate(21 * 1024 * 1024)  # sparse: 21 MB without writing them
     page.locator("#input-image input[type=file]").set_input_files(too_big)
     refusal = 'File(s) exceed the maximum allowed size of 20.0 Mb: "huge.png"'
     expect(page.locator(".toast-body").filter(has_text=refusal)).to_be_visible()
