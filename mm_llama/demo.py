@@ -5,7 +5,8 @@ The page shows what the checkpoint is (its modalities, the training stages that 
 accuracy, from the ``train_config.yaml`` and ``metrics.json`` the quickstart and ``mm-llama train`` write
 beside it), one input per modality it has (``model.config.modalities``; a plugin modality gets a file
 upload), a question box, sampling controls (max new tokens, temperature, top-p), Send / Stop / New chat,
-toy-world examples that fill the inputs in one click, and a chat whose last reply grows token by token.
+examples that fill the inputs in one click (the run's own held-out questions, the real-data run's
+recordings among them, else toy-world files), and a chat whose last reply grows token by token.
 
 The logic lives in :func:`answer`, a plain generator that needs no browser; :func:`build_app` only lays out
 components and wires them to it. The chat is multi-turn: the model sees the earlier questions and replies
@@ -65,6 +66,9 @@ RUN_CONFIG_FILE = "train_config.yaml"
 EXAMPLES_DIR = Path(tempfile.gettempdir()) / "mm_llama_demo_examples"
 """Where the toy-world example files are written (seeded: the same bytes every time)."""
 EXAMPLE_SEED = 0
+MAX_EXAMPLES = 8
+HELD_OUT_FILE = "instruct_test.json"
+"""The held-out questions the quickstart and the real-data run evaluate on, beside their training data."""
 BUSY_MESSAGE = (
     "Still writing the last reply: your question stays in the box. Send it when the reply is done, "
     "or press Stop."
@@ -325,23 +329,52 @@ def describe_checkpoint(model: MultimodalLM, checkpoint: Path | None) -> str:
     return " · ".join(parts)
 
 
+def examples_from(records_file: Path, names: Sequence[str]) -> list[list[Any]]:
+    """The first question of each question type in a LLaVA-format records file (media paths relative to
+    it), as rows ``[question, *items]`` for the inputs ``names`` (``None`` for the others); the question
+    without its marker, which the demo adds. Records of modalities the model lacks are skipped."""
+    rows: list[list[Any]] = []
+    types: set[str] = set()
+    for record in json.loads(records_file.read_text()):
+        name = next((n for n in names if n in record), None)
+        kind = record.get("question_type", name)
+        if name is None or kind in types or len(rows) == MAX_EXAMPLES:
+            continue
+        types.add(kind)
+        question = record["conversations"][0]["value"].replace(marker(name), "").strip()
+        rows.append(
+            [question, *(str(records_file.parent / record[name]) if n == name else None for n in names)]
+        )
+    return rows
+
+
 def toy_examples(names: Sequence[str], folder: Path) -> list[list[Any]]:
-    """One toy-world question per built-in modality of ``names``, as rows ``[question, *items]`` for the
-    inputs ``names`` (``None`` for the others); the files are written under ``folder`` once."""
+    """One toy-world question per built-in modality of ``names`` (see :func:`examples_from`); the files
+    are written once under ``folder``, in a subfolder per set of modalities."""
     from mm_llama.data.toyworld import MODALITIES, generate_toyworld
 
     toy = [n for n in names if n in MODALITIES]
     if not toy:
         return []
-    records_file = folder / "instruct_test.json"
-    if not records_file.is_file():
-        generate_toyworld(folder, seed=EXAMPLE_SEED, n_train=0, n_val=0, n_test=1, modalities=toy)
-    rows = []
-    for record in json.loads(records_file.read_text()):
-        name = next(n for n in toy if n in record)
-        question = record["conversations"][0]["value"].replace(marker(name), "").strip()
-        rows.append([question, *(str(folder / record[name]) if n == name else None for n in names)])
-    return rows
+    world = folder / "-".join(toy)
+    if not (world / "instruct_test.json").is_file():
+        generate_toyworld(world, seed=EXAMPLE_SEED, n_train=0, n_val=0, n_test=1, modalities=toy)
+    return examples_from(world / "instruct_test.json", names)
+
+
+def held_out_records(checkpoint: Path) -> Path | None:
+    """The run's own held-out questions, when they are there: ``instruct_test.json`` beside the training
+    data that the run's ``train_config.yaml`` names (the quickstart's toy world, the real-data run's
+    recordings; the paths as training was given them, so relative ones from the folder it ran in)."""
+    config = checkpoint.parent / RUN_CONFIG_FILE
+    if not config.is_file():
+        return None
+    for stage in ((yaml.safe_load(config.read_text()) or {}).get("stages") or {}).values():
+        for data in (stage or {}).get("data") or []:
+            records = Path(data).parent / HELD_OUT_FILE
+            if records.is_file():
+                return records
+    return None
 
 
 UPLOAD_LABELS_JS = """
@@ -387,11 +420,17 @@ def build_app(
     model: MultimodalLM, checkpoint: Path | None = None, examples_dir: Path | None = None
 ) -> gr.Blocks:
     """The demo page for ``model``: what it is, its media inputs, a question box, sampling controls, the
-    chat and, when ``examples_dir`` is given, toy-world examples written there."""
+    chat and examples: the run's own held-out questions when ``checkpoint`` has them beside it, else
+    toy-world ones written under ``examples_dir`` (when given)."""
     names = list(model.config.modalities)
-    examples = toy_examples(names, examples_dir) if examples_dir is not None else []
+    records = held_out_records(Path(checkpoint)) if checkpoint is not None else None
+    if records is not None:
+        examples, source = examples_from(records, names), "held-out questions of this run"
+    else:
+        examples = toy_examples(names, examples_dir) if examples_dir is not None else []
+        source = "toy world"
     if examples:
-        gr.set_static_paths([examples_dir])
+        gr.set_static_paths([Path(item).parent for row in examples for item in row[1:] if item])
     with gr.Blocks(title="mm_llama demo", analytics_enabled=False) as app:
         gr.Markdown(
             "# mm_llama demo\n"
@@ -420,7 +459,9 @@ def build_app(
                 )
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (with temperature > 0)")
         if examples:
-            gr.Examples(examples, [question, *inputs], label="Examples (toy world)", examples_per_page=8)
+            gr.Examples(
+                examples, [question, *inputs], label=f"Examples ({source})", examples_per_page=MAX_EXAMPLES
+            )
 
         labels = json.dumps({c.elem_id: c.label for c in inputs})
         app.load(None, None, None, js=f"() => ({UPLOAD_LABELS_JS})({labels})")

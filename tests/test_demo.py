@@ -28,6 +28,7 @@ from mm_llama.demo import (  # noqa: E402
     answer,
     build_app,
     describe_checkpoint,
+    examples_from,
     media_input,
     toy_examples,
     uploaded,
@@ -346,7 +347,50 @@ def test_stop_ends_the_reply_and_keeps_what_was_written(model: MultimodalLM, ima
     assert full.startswith(reply) and len(reply) < len(full)
 
 
-def test_toy_examples_fill_each_built_in_input(tmp_path: Path) -> None:
+def test_examples_fill_the_inputs(model: MultimodalLM, tmp_path: Path) -> None:
+    """Problem 6: examples. A run's own held-out questions (one per question type), else the toy world's."""
+    data = tmp_path / "run" / "data"
+    (data / "images" / "test").mkdir(parents=True)
+    records = [
+        {
+            "id": "a",
+            "image": "images/test/0.png",
+            "question_type": "kind",
+            "conversations": [{"value": "<image>\nKind?"}],
+        },
+        {
+            "id": "b",
+            "image": "images/test/1.png",
+            "question_type": "kind",
+            "conversations": [{"value": "Kind? <image>"}],
+        },
+        {
+            "id": "c",
+            "audio": "audio/test/0.wav",
+            "question_type": "digit",
+            "conversations": [{"value": "<audio> Digit?"}],
+        },
+        {
+            "id": "d",
+            "image": "images/test/1.png",
+            "question_type": "choice",
+            "conversations": [{"value": "<image>Which?"}],
+        },
+    ]
+    (data / "instruct_test.json").write_text(json.dumps(records))
+    (data.parent / "train_config.yaml").write_text(
+        f"stages:\n  align:\n    data: [{data / 'align_train.json'}]\n"
+    )
+    (data.parent / "align").mkdir()
+    assert examples_from(data / "instruct_test.json", ["image"]) == [
+        ["Kind?", str(data / "images/test/0.png")],
+        ["Which?", str(data / "images/test/1.png")],
+    ]
+    page = build_app(model, data.parent / "align", tmp_path / "toy")
+    dataset = next(c for c in components(page) if isinstance(c, gr.Dataset))
+    assert dataset.label == "Examples (held-out questions of this run)" and len(dataset.samples) == 2
+    assert not (tmp_path / "toy").exists()
+
     rows = toy_examples(["image", "depth", "audio"], tmp_path)
     assert len(rows) == 2 and all(len(row) == 4 for row in rows)
     for row, column in zip(rows, (1, 3)):

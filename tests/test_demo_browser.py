@@ -218,8 +218,8 @@ def test_one_chat_with_every_input_kind(
     examples = run_dir / "examples"
     given = [
         ("audio", uploads / "beeps.wav", ".waveform-container"),
-        ("video", next((examples / "video" / "test").iterdir()), "video"),
-        ("imu", next((examples / "imu" / "test").iterdir()), ".file-preview"),
+        ("video", next(examples.glob("*/video/test/*.mp4")), "video"),  # the toy world's, as the examples'
+        ("imu", next(examples.glob("*/imu/test/*.csv")), ".file-preview"),
         ("depth", uploads / "room.npy", ".file-preview"),
     ]
     for name, path, shown in given:
