@@ -3,6 +3,7 @@ building weights; invalid settings fail with the file and the field."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from mm_llama.train.config import (
 from tests.train.conftest import align_stage, instruct_stage, tiny_train_config
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
-PRESETS = ("llava15_stage1", "llava15_stage2_qlora", "anymal_imu", "fuyu_patches", "quickstart")
+PRESETS = (
+    "llava15_stage1",
+    "llava15_stage2",
+    "llava15_stage2_qlora",
+    "anymal_imu",
+    "fuyu_patches",
+    "quickstart",
+    "realworld",
+)
 
 
 def test_every_preset_file_is_listed() -> None:
@@ -32,33 +41,64 @@ def test_presets_load(name: str) -> None:
     assert isinstance(cfg, TrainConfig) and cfg.stages
 
 
-def test_llava15_presets_carry_the_paper_hyperparameters() -> None:
-    align = load_train_config(PRESETS_DIR / "llava15_stage1.yaml").stages["align"]
-    assert (align.lr, align.batch_size, align.epochs, align.warmup_ratio, align.weight_decay) == (
-        1e-3,
-        256,
-        1.0,
-        0.03,
-        0.0,
-    )
-    assert (align.llm, align.template, align.lr_schedule) == ("frozen", "plain", "cosine")
-    cfg = load_train_config(PRESETS_DIR / "llava15_stage2_qlora.yaml")
-    instruct = cfg.stages["instruct"]
-    assert (instruct.llm, instruct.lora.r, instruct.lora.alpha, instruct.lora.target_modules) == (
-        "qlora",
-        128,
-        256,
-        "all-linear",
-    )
-    assert (instruct.lr, instruct.projector_lr, instruct.batch_size, instruct.max_length) == (
-        2e-4,
-        2e-5,
-        128,
-        2048,
-    )
+LLAVA15_SHARED = {  # scripts/v1_5/{pretrain,finetune,finetune_lora}.sh and the README's table
+    "epochs": 1.0,
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "lr_schedule": "cosine",
+    "max_grad_norm": 1.0,
+    "train_encoders": "none",
+    "train_projectors": True,
+    "gradient_checkpointing": True,
+    "num_workers": 4,
+}
+LLAVA15_STAGES = {  # preset -> (stage, its published settings)
+    "llava15_stage1": ("align", {"lr": 1e-3, "batch_size": 256, "micro_batch_size": 32, "llm": "frozen",
+                                 "template": "plain", "group_by_length": False}),
+    "llava15_stage2": ("instruct", {"lr": 2e-5, "projector_lr": 2e-5, "batch_size": 128,
+                                    "micro_batch_size": 16, "llm": "full", "template": "chat",
+                                    "group_by_length": True, "init_from": "runs/llava15/align"}),
+    "llava15_stage2_qlora": ("instruct", {"lr": 2e-4, "projector_lr": 2e-5, "batch_size": 128,
+                                          "micro_batch_size": 16, "llm": "qlora", "template": "chat",
+                                          "group_by_length": True, "init_from": "runs/llava15/align"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LLAVA15_STAGES))
+def test_llava15_presets_carry_the_published_hyperparameters(name: str) -> None:
+    cfg = load_train_config(PRESETS_DIR / f"{name}.yaml")
+    stage_name, published = LLAVA15_STAGES[name]
+    assert list(cfg.stages) == [stage_name]
+    stage = cfg.stages[stage_name]
+    for field, want in {**LLAVA15_SHARED, **published}.items():
+        assert getattr(stage, field) == want, f"{name}: {field}"
+    assert cfg.model.max_length == 2048 and stage.max_length in (None, 2048)
     image = cfg.model.modalities["image"]
-    assert image.encoder.options["name_or_path"] == "openai/clip-vit-large-patch14-336"
-    assert image.encoder.options["select_layer"] == -2 and image.projector.type == "mlp2x_gelu"
+    assert image.encoder.options == {
+        "name_or_path": "openai/clip-vit-large-patch14-336",
+        "select_layer": -2,
+        "select_feature": "patch",
+        "aspect": "crop" if name == "llava15_stage1" else "pad",
+    }
+    assert image.projector.type == "mlp2x_gelu" and cfg.model.llm.dtype == "bfloat16"
+    if stage.llm == "qlora":
+        assert (stage.lora.r, stage.lora.alpha, stage.lora.dropout, stage.lora.target_modules) == (
+            128,
+            256,
+            0.05,
+            "all-linear",
+        )
+
+
+def test_llava15_presets_cite_a_source_for_each_setting() -> None:
+    for name, (_, published) in LLAVA15_STAGES.items():
+        lines = [ln.strip() for ln in (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()]
+        for field in [*LLAVA15_SHARED, *published, "max_length", "select_layer", "aspect", "dtype"]:
+            line = next((ln for ln in lines if ln.startswith(f"{field}: ")), None)
+            assert line is not None, f"{name}: {field} is not set"
+            assert re.search(r"#.*\[(pretrain|finetune|finetune_lora|train)\.(sh|py)", line), (
+                f"{name}: {line!r} names no source"
+            )
 
 
 def test_unknown_fields_and_bad_values_name_the_file(tmp_path: Path) -> None:
