@@ -2,13 +2,15 @@
 
 A record (one row of a ``.json`` list, a ``.jsonl`` line or a ``.parquet`` row)::
 
-    {"id": "000123",
+    {"id": "000123",                             # ints are read as strings ("123")
      "image": "coco/000123.jpg",                 # or a list of paths, one per <image> marker
      "audio": ["a.wav", "b.wav"],                # any registered modality name works as a key
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}]}
 
-Files load with Hugging Face ``datasets`` (memory-mapped Arrow, so LLaVA's 665k records are cheap).
+Files are read into Arrow tables and indexed (text lengths, media items, the media check) once; both are
+cached beside the data file and memory-mapped by later builds and the other processes of a run (see
+:mod:`mm_llama.data.records`), so LLaVA's 665k records cost seconds, not minutes, at start.
 Media paths are resolved under a data root (default: the data file's folder); a missing file raises
 an error naming the file, the record id and the path. Each item becomes a processor ``Example``; the
 :class:`Collator` pads on the right; :class:`LengthGroupedBatchSampler` yields one process's
@@ -24,50 +26,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
+import pyarrow as pa
 from torch.utils.data import Dataset, Sampler
 
+from mm_llama.data.records import CONVERSATIONS_KEY, ID_KEY, FileIndex, load_indexed, record_at
 from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import modalities
 from mm_llama.processor import Example, MultimodalProcessor, check_labels
 
 logger = logging.getLogger(__name__)
 
-CONVERSATIONS_KEY = "conversations"
-ID_KEY = "id"
-LOADERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-"""File suffix -> ``datasets`` builder."""
 LABEL_CHECK_RECORDS = 8
 """How many records a training stage decodes at start to check its label mask."""
-TOKENS_PER_WORD = 1.3
-"""Text length estimate for length grouping (exact tokenization of every record would cost minutes at
-LLaVA scale; grouping only needs lengths that sort like the real ones)."""
 MEGABATCH_STEPS = 50
 """Length grouping sorts the samples of this many global batches at a time (as transformers'
 ``LengthGroupedSampler`` does), so batches are homogeneous while their order stays random."""
-
-
-def load_records(path: str | Path) -> datasets.Dataset:
-    """One conversation file as a ``datasets.Dataset``; checks that it has a ``conversations`` column."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"data file not found: {path}")
-    builder = LOADERS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(
-            f"{path}: unsupported data file type {path.suffix!r}; expected one of {sorted(LOADERS)}"
-        )
-    try:
-        records = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        raise ValueError(f"{path}: cannot read it as {builder}: {e}") from e
-    if CONVERSATIONS_KEY not in records.column_names:
-        raise ValueError(
-            f"{path}: records need a {CONVERSATIONS_KEY!r} field (LLaVA format); found fields "
-            f"{records.column_names}"
-        )
-    return records
 
 
 def media_paths(value: Any, where: str, key: str) -> list[str]:
@@ -98,8 +72,10 @@ class ConversationDataset(Dataset[Example]):
 
     ``data_root`` resolves relative media paths (default: each file's own folder). ``only`` keeps the
     records whose media are all of these modalities (e.g. one modality's captions out of a mixed file).
-    With ``check_media`` (default) every referenced media file is checked once up front, so a missing
-    file fails at startup rather than hours into training."""
+    With ``check_media`` (default) every referenced media file is checked up front, so a missing file
+    fails at startup rather than hours into training. ``index_cache`` reads and writes each file's
+    records and index beside it (:mod:`mm_llama.data.records`); a distributed run builds the dataset on
+    the main process first so that the others read the cache."""
 
     def __init__(
         self,
@@ -108,26 +84,29 @@ class ConversationDataset(Dataset[Example]):
         data_root: str | Path | None = None,
         check_media: bool = True,
         only: Sequence[str] | None = None,
+        index_cache: bool = True,
     ) -> None:
         self.files = [Path(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
         if not self.files:
             raise ValueError("ConversationDataset: expected at least one data file, got none")
         self.processor = processor
-        self._tables = [load_records(f) for f in self.files]
         self._roots = [Path(data_root) if data_root is not None else f.parent for f in self.files]
-        known = set(modalities())
-        self._media_keys = [[c for c in t.column_names if c in known] for t in self._tables]
+        known = modalities()
+        loaded = [load_indexed(f, r, known, index_cache) for f, r in zip(self.files, self._roots)]
+        self._tables: list[pa.Table] = [t for t, _ in loaded]
+        self.indexes: list[FileIndex] = [i for _, i in loaded]
+        """Each file's index (``from_cache`` says whether it was read back)."""
+        self._media_keys = [list(i.items) for i in self.indexes]
+        self._rows = [np.arange(t.num_rows) for t in self._tables]
+        """The file rows each file contributes, in order (all of them unless ``only`` filters)."""
         if only is not None:
-            self._tables = [
-                self._keep_only(t, keys, set(only), str(f))
-                for t, keys, f in zip(self._tables, self._media_keys, self.files)
-            ]
-            if not any(len(t) for t in self._tables):
+            self._rows = [self._keep_only(f, set(only)) for f in range(len(self.files))]
+            if not any(len(r) for r in self._rows):
                 raise ValueError(
                     f"{', '.join(map(str, self.files))}: no record has only {', '.join(only)} media "
                     "(the stage's `only` filter)"
                 )
-        self._offsets = np.cumsum([0] + [len(t) for t in self._tables]).tolist()
+        self._offsets = np.cumsum([0] + [len(r) for r in self._rows]).tolist()
         self._lengths: list[int] | None = None
         if check_media:
             self.check_media()
@@ -135,26 +114,36 @@ class ConversationDataset(Dataset[Example]):
     def __len__(self) -> int:
         return self._offsets[-1]
 
-    @staticmethod
-    def _keep_only(
-        table: datasets.Dataset, keys: list[str], wanted: set[str], where: str
-    ) -> datasets.Dataset:
-        """The rows of ``table`` with at least one media item, every one of a ``wanted`` modality."""
-        columns = {k: list(table[k]) for k in keys}
-        rows = []
-        for row in range(len(table)):
-            present = {k for k in keys if media_paths(columns[k][row], where, k)}
-            if present and present <= wanted:
-                rows.append(row)
-        return table.select(rows)
+    @property
+    def index_from_cache(self) -> bool:
+        """Whether every file's records and index were read from the cache beside it."""
+        return all(i.from_cache for i in self.indexes)
+
+    def _keep_only(self, f: int, wanted: set[str]) -> np.ndarray:
+        """The rows of file ``f`` with at least one media item, every one of a ``wanted`` modality."""
+        index = self.indexes[f]
+        if index.invalid:
+            row, why = next(iter(sorted(index.invalid.items())))
+            raise ValueError(f"{self._where(f, row, self._record(f, row))}: {why}")
+        rows = len(index.text_tokens)
+        present = np.zeros(rows, dtype=bool)
+        unwanted = np.zeros(rows, dtype=bool)
+        for key, items in index.items.items():
+            present |= items > 0
+            if key not in wanted:
+                unwanted |= items > 0
+        return np.flatnonzero(present & ~unwanted)
+
+    def _record(self, f: int, row: int) -> dict[str, Any]:
+        return record_at(self._tables[f], row)
 
     def _row(self, index: int) -> tuple[int, int, dict[str, Any]]:
         """(file number, row in that file, the record) of a dataset index."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} records")
         f = bisect.bisect_right(self._offsets, index) - 1
-        row = index - self._offsets[f]
-        return f, row, self._tables[f][row]
+        row = int(self._rows[f][index - self._offsets[f]])
+        return f, row, self._record(f, row)
 
     def _where(self, f: int, row: int, rec: dict[str, Any]) -> str:
         rid = rec.get(ID_KEY)
@@ -171,9 +160,11 @@ class ConversationDataset(Dataset[Example]):
     def media(self, index: int) -> dict[str, list[str]]:
         """Modality -> absolute media paths of one record, in marker order."""
         f, row, rec = self._row(index)
-        return self._resolve(f, rec, self._where(f, row, rec))
+        return self._resolve(f, row, rec, self._where(f, row, rec))
 
-    def _resolve(self, f: int, rec: dict[str, Any], where: str) -> dict[str, list[str]]:
+    def _resolve(self, f: int, row: int, rec: dict[str, Any], where: str) -> dict[str, list[str]]:
+        if row in self.indexes[f].invalid:
+            raise ValueError(f"{where}: {self.indexes[f].invalid[row]}")
         out = {}
         for key in self._media_keys[f]:
             paths = media_paths(rec[key], where, key)
@@ -181,30 +172,47 @@ class ConversationDataset(Dataset[Example]):
                 out[key] = [str(inside_root(self._roots[f], p, where, key)) for p in paths]
         return out
 
+    def _check_record(self, f: int, row: int) -> None:
+        """Raise what is wrong with one record's media: an invalid value (``ValueError``), a path outside
+        the data root (``MMInputError``) or a missing file (``MissingInputError``)."""
+        rec = self._record(f, row)
+        rid = rec.get(ID_KEY) if rec.get(ID_KEY) is not None else f"#{row}"
+        where = f"{self.files[f]}: record {rid!r}"
+        if row in self.indexes[f].invalid:
+            raise ValueError(f"{where}: {self.indexes[f].invalid[row]}")
+        for key in self._media_keys[f]:
+            for p in media_paths(rec[key], where, key):
+                path = inside_root(self._roots[f], p, where, key)
+                if not path.is_file():
+                    raise MissingInputError(
+                        f"{self.files[f]}: record {rid!r}: {key} file not found: {path} "
+                        f"(media paths are relative to the data root {self._roots[f]})"
+                    )
+
+    def media_errors(self) -> Iterator[tuple[int, Exception]]:
+        """(dataset index, error) of each record whose media cannot be used, in order: the records the
+        index flagged, checked again now (a file added since the index was built passes)."""
+        for f, index in enumerate(self.indexes):
+            flagged = np.union1d(index.suspects, np.fromiter(index.invalid, dtype=np.int64))
+            kept = self._rows[f]
+            positions = np.searchsorted(kept, flagged)
+            for position, row in zip(positions, flagged):
+                if position < len(kept) and kept[position] == row:
+                    try:
+                        self._check_record(f, int(row))
+                    except (MMInputError, ValueError) as e:  # MissingInputError is an MMInputError
+                        yield self._offsets[f] + int(position), e
+
     def check_media(self) -> None:
-        """Raise ``FileNotFoundError`` naming the record and path of the first missing media file."""
-        for f, table in enumerate(self._tables):
-            keys = self._media_keys[f]
-            if not keys:
-                continue
-            ids = list(table[ID_KEY]) if ID_KEY in table.column_names else [None] * len(table)
-            columns = {k: list(table[k]) for k in keys}
-            for row in range(len(table)):
-                for key in keys:
-                    rid = ids[row] if ids[row] is not None else f"#{row}"
-                    where = f"{self.files[f]}: record {rid!r}"
-                    for p in media_paths(columns[key][row], where, key):
-                        path = inside_root(self._roots[f], p, where, key)
-                        if not path.is_file():
-                            raise MissingInputError(
-                                f"{self.files[f]}: record {rid!r}: {key} file not found: {path} "
-                                f"(media paths are relative to the data root {self._roots[f]})"
-                            )
+        """Raise the error of the first record whose media cannot be used (``FileNotFoundError`` naming
+        the record and path of a missing file)."""
+        for _, error in self.media_errors():
+            raise error
 
     def __getitem__(self, index: int) -> Example:
         f, row, rec = self._row(index)
         where = self._where(f, row, rec)
-        return self.processor(rec[CONVERSATIONS_KEY], self._resolve(f, rec, where), where=where)
+        return self.processor(rec[CONVERSATIONS_KEY], self._resolve(f, row, rec, where), where=where)
 
     def check_labels(self, records: int = LABEL_CHECK_RECORDS, skip_unreadable: bool = False) -> None:
         """Fail fast (:class:`~mm_llama.errors.LabelMaskError`) when the supervised tokens of the first
@@ -217,39 +225,54 @@ class ConversationDataset(Dataset[Example]):
                 break
             try:
                 example = self[index]
-            except (MMInputError, OSError):
+            except (MMInputError, OSError) as e:
                 if skip_unreadable:
                     continue
-                raise
+                where = self.where(index)
+                if where in str(e):
+                    raise
+                try:
+                    named = type(e)(f"{where}: {e}")
+                except Exception:  # an exception type that takes other arguments
+                    named = MMInputError(f"{where}: {e}")
+                raise named from e
             check_labels(self.processor, self.record(index)[CONVERSATIONS_KEY], example, self.where(index))
             checked += 1
 
     @property
     def lengths(self) -> list[int]:
-        """Estimated token count of every record: text words x ``TOKENS_PER_WORD`` plus each media item's
-        placeholder count (measured on the first item of each modality; exact for fixed-size media)."""
+        """Estimated token count of every record: its text tokens (words x ``TOKENS_PER_WORD``, from the
+        index) plus each media item's placeholder count (measured on the first item of each modality;
+        exact for fixed-size media)."""
         if self._lengths is None:
             self._lengths = self._estimate_lengths()
         return self._lengths
 
-    def _estimate_lengths(self) -> list[int]:
+    def _per_item_tokens(self) -> dict[str, int]:
+        """Modality -> placeholder tokens of its first media item in the data (through the processor)."""
         per_item: dict[str, int] = {}
-        lengths: list[int] = []
-        for f, table in enumerate(self._tables):
-            keys = self._media_keys[f]
-            columns = {k: list(table[k]) for k in keys}
-            for row, conversation in enumerate(table[CONVERSATIONS_KEY]):
-                words = sum(
-                    len(str(turn.get("value", turn.get("content", ""))).split()) for turn in conversation
-                )
-                n = math.ceil(words * TOKENS_PER_WORD)
-                for key in keys:
-                    paths = media_paths(columns[key][row], str(self.files[f]), key)
-                    if paths and key not in per_item and key in self.processor.handlers:
-                        _, per_item[key] = self.processor.handlers[key](str(self._roots[f] / paths[0]))
-                    n += len(paths) * per_item.get(key, 0)
-                lengths.append(n)
-        return lengths
+        for f, index in enumerate(self.indexes):
+            rows = self._rows[f]
+            for key, items in index.items.items():
+                if key in per_item or key not in self.processor.handlers:
+                    continue
+                having = rows[items[rows] > 0]
+                if len(having):
+                    row = int(having[0])
+                    first = media_paths(self._record(f, row)[key], self._where(f, row, {}), key)[0]
+                    _, per_item[key] = self.processor.handlers[key](str(self._roots[f] / first))
+        return per_item
+
+    def _estimate_lengths(self) -> list[int]:
+        per_item = self._per_item_tokens()
+        parts = []
+        for f, index in enumerate(self.indexes):
+            rows = self._rows[f]
+            n = index.text_tokens[rows].copy()
+            for key, items in index.items.items():
+                n += items[rows] * per_item.get(key, 0)
+            parts.append(n)
+        return np.concatenate(parts).tolist()
 
 
 class Collator:

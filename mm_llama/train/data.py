@@ -12,7 +12,6 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
 from mm_llama.data.feature_cache import cache_features, cached_processor, frozen_modalities
-from mm_llama.errors import ConversationError, MissingInputError, MMInputError
+from mm_llama.errors import ConversationError, MMInputError
 from mm_llama.model import MultimodalLM
 from mm_llama.train.config import TrainConfig
 
@@ -65,24 +64,17 @@ class StageDataset(Dataset):
         self.indices = list(range(len(base)))
         self.missing: list[SkippedRecord] = []
         if on_error == "skip":
-            self.indices = [i for i in range(len(base)) if self._media_present(i)]
+            unusable = {}
+            for index, error in base.media_errors():
+                unusable[index] = error
+                self.missing.append(SkippedRecord(base.where(index), skip_reason(error), str(error)))
+            if unusable:
+                self.indices = [i for i in self.indices if i not in unusable]
             if not self.indices:
                 raise MMInputError(
                     f"{', '.join(map(str, base.files))}: every record was skipped (on_error: skip); first: "
                     f"{self.missing[0].where}: {self.missing[0].message}"
                 )
-
-    def _media_present(self, index: int) -> bool:
-        where = self.base.where(index)
-        try:
-            paths = [p for items in self.base.media(index).values() for p in items]
-            missing = next((p for p in paths if not Path(p).is_file()), None)
-            if missing is not None:
-                raise MissingInputError(f"media file not found: {missing}")
-        except SKIP_ERRORS as e:
-            self.missing.append(SkippedRecord(where, skip_reason(e), str(e)))
-            return False
-        return True
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -140,9 +132,10 @@ def stage_data(
                 model, stage.data, stage.feature_cache, stage.data_root, feature_modalities
             )
         processor = cached_processor(model, cache, feature_modalities)
-    base = ConversationDataset(
-        stage.data, processor, data_root=stage.data_root, only=stage.only, check_media=not skip
-    )
+    with accelerator.main_process_first():  # the main process writes the index cache, the others read it
+        base = ConversationDataset(
+            stage.data, processor, data_root=stage.data_root, only=stage.only, check_media=not skip
+        )
     base.check_labels(skip_unreadable=skip)
     dataset = StageDataset(base, stage.on_error)
     if dataset.missing and accelerator.is_main_process:
