@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_index
 from benchmarks.bench_llava import HF_LLAVA, MM_LLAMA, BenchSettings, main, markdown_table, parse_args
 
 TINY_ARGS = [
@@ -77,3 +78,16 @@ def test_benchmark_cli_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixt
         for name in (MM_LLAMA, HF_LLAVA):
             assert len(entry[name]["texts"]) == batch
             assert entry[name]["tokens_per_s"] > 0
+
+
+def test_index_benchmark_builds_then_reads_the_cache(tmp_path: Path) -> None:
+    """``benchmarks/bench_index.py`` on 120 records: structure only, never speed."""
+    out = tmp_path / "index.json"
+    results = bench_index.main(
+        ["--data-dir", str(tmp_path / "mix"), "--records", "120", "--distinct-images", "5", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == results
+    assert results["records"] == 120 and 0 < results["text_only_records"] < 120
+    assert not results["build_from_cache"] and results["cached_from_cache"]
+    assert results["distinct_media_files"] > 5 and results["mean_length"] > 576  # 576 tokens per image
+    assert results["build_s"] > 0 and results["peak_rss_mib"] > 0
