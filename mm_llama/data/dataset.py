@@ -30,7 +30,14 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import Dataset, Sampler
 
-from mm_llama.data.records import CONVERSATIONS_KEY, ID_KEY, FileIndex, load_indexed, record_at
+from mm_llama.data.records import (
+    CONVERSATIONS_KEY,
+    ID_KEY,
+    FileIndex,
+    load_indexed,
+    open_records,
+    record_at,
+)
 from mm_llama.errors import MissingInputError, MMInputError
 from mm_llama.modality import modalities
 from mm_llama.processor import Example, MultimodalProcessor, check_labels
@@ -113,6 +120,16 @@ class ConversationDataset(Dataset[Example]):
 
     def __len__(self) -> int:
         return self._offsets[-1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # memory-mapped tables travel as their file's path (a spawned worker maps it again)
+        state = self.__dict__.copy()
+        state["_tables"] = [i.records_file or t for t, i in zip(self._tables, self.indexes)]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tables = [open_records(t) if isinstance(t, str) else t for t in self._tables]
 
     @property
     def index_from_cache(self) -> bool:

@@ -72,6 +72,9 @@ class FileIndex:
     distinct_media: int = 0
     """Distinct media paths the check looked at."""
     from_cache: bool = False
+    records_file: str | None = None
+    """The Arrow file the table is memory-mapped from (``None``: held in memory); a pickled dataset
+    (a spawned DataLoader worker) maps it again instead of carrying the table."""
 
 
 def file_key(path: Path, root: Path, modalities: Iterable[str]) -> dict[str, Any]:
@@ -120,7 +123,15 @@ def load_indexed(
             logger.warning(
                 "%s: cannot write the dataset index beside it (%s); it is rebuilt each time", path, e
             )
+        else:  # map the written table: its memory is then the page cache's, shared by every process
+            index.records_file = str(cache_dir(path) / RECORDS_FILE)
+            table = open_records(index.records_file)
     return table, index
+
+
+def open_records(path: str) -> pa.Table:
+    """A cached records file, memory-mapped."""
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
 def read_table(path: Path, modalities: set[str]) -> tuple[pa.Table, dict[int, str]]:
@@ -357,7 +368,7 @@ def read_cache(path: Path, key: dict[str, Any]) -> tuple[pa.Table, FileIndex] | 
         meta = json.loads((folder / INDEX_FILE).read_text())
         if meta.get("key") != key:
             return None
-        table = pa.ipc.open_file(pa.memory_map(str(folder / RECORDS_FILE), "r")).read_all()
+        table = open_records(str(folder / RECORDS_FILE))
         with np.load(folder / ARRAYS_FILE) as arrays:
             items = {k: arrays[f"items/{k}"] for k in meta["items"]}
             index = FileIndex(
@@ -367,6 +378,7 @@ def read_cache(path: Path, key: dict[str, Any]) -> tuple[pa.Table, FileIndex] | 
                 invalid={int(row): why for row, why in meta["invalid"].items()},
                 distinct_media=meta["distinct_media"],
                 from_cache=True,
+                records_file=str(folder / RECORDS_FILE),
             )
     except (OSError, ValueError, KeyError, pa.ArrowInvalid) as e:
         if (folder / INDEX_FILE).exists():

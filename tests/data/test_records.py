@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,15 @@ def test_stage_data_builds_the_dataset_on_the_main_process_first(
     model = MultimodalLM(cfg.model)
     train_data.stage_data(cfg, "instruct", OneProcess(), model, accumulation=1)  # type: ignore[arg-type]
     assert events == ["main first", "build", "others"]
+
+
+def test_a_pickled_dataset_maps_the_cached_table_again(
+    copy: Path, mix: Path, processor: MultimodalProcessor
+) -> None:
+    """A spawned DataLoader worker gets the records file's path, not a copy of the table."""
+    dataset = ConversationDataset(copy, processor, data_root=mix.parent)
+    assert dataset.__getstate__()["_tables"] == [str(copy.parent / "mix.json.mm_llama" / "records.arrow")]
+    again = pickle.loads(pickle.dumps(dataset))
+    assert again.record(17) == dataset.record(17) and again[17].input_ids == dataset[17].input_ids
+    in_memory = ConversationDataset(copy, processor, data_root=mix.parent, index_cache=False)
+    assert isinstance(in_memory.__getstate__()["_tables"][0], pa.Table)
