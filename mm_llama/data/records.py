@@ -7,7 +7,8 @@ Arrow cannot hold in one column; a single media path becomes a one-item list), a
 its index is computed column by column:
 
 - ``text_tokens``: each record's text length estimate, ``ceil(words * TOKENS_PER_WORD)`` over all its
-  turns, words split on Unicode whitespace (Arrow's ``utf8_split_whitespace``, as ``str.split()``);
+  turns, words split as ``str.split()`` does (numpy over the UTF-8 bytes of ASCII text, Arrow's
+  Unicode-aware split for the rest);
 - ``items``: the number of media items of each modality in each record (what the processor's per-item
   token counts multiply, when the dataset composes lengths; they are not part of the index, so one
   index serves every processor);
@@ -15,10 +16,12 @@ its index is computed column by column:
   data root, a regular file). They are checked again, exactly, whenever a dataset is built, so a file
   added since is found and the error names the record as it always did.
 
-Table and index are written to ``<data file>.mm_llama/`` beside the data file, keyed by the file's
-size and modification time, the resolved data root and the modality names; the next build, and every
-other process of a distributed run (the main process builds first), reads them back, the table
-memory-mapped. A media file deleted after the index was built is found when its record is read.
+Table and index are written to ``<data file>.mm_llama/`` beside the data file (the table takes about
+as much disk as the JSON), keyed by the file's size, modification time and inode, the resolved data
+root and the modality names; the next build, and every other process of a distributed run (the main
+process builds first), reads them back, the table memory-mapped. A media file deleted after the index
+was built is found when its record is read. A folder where the cache cannot be written (read-only
+data) means a warning and a full build each time.
 """
 
 from __future__ import annotations
