@@ -203,7 +203,7 @@ def add_realworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--config", type=Path, help="the training config (default: training/configs/realworld.yaml)"
     )
     parser.add_argument("--n-images", type=int, help="Fashion-MNIST training images (default: 1500)")
-    parser.add_argument("--n-test-images", type=int, help="Fashion-MNIST test images (default: 300)")
+    parser.add_argument("--n-test-images", type=int, help="Fashion-MNIST test images (default: 200)")
     parser.add_argument(
         "--imu-repeats", type=int, help="records per BasicMotions training recording (default: 10)"
     )

@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mm_llama.data.realworld import build_realworld
+from mm_llama.data.realworld import MODALITY_SOURCES, build_realworld
+from mm_llama.errors import MMInputError
 from mm_llama.eval import evaluate
 from mm_llama.model import MultimodalLM
 from mm_llama.train import load_train_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "realworld.yaml"
 N_IMAGES = 1500
-N_TEST_IMAGES = 300
+N_TEST_IMAGES = 200
 IMU_REPEATS = 10
 EVAL_BATCH = 50
 EVAL_MAX_NEW_TOKENS = 5
@@ -56,6 +57,21 @@ def _features(model: MultimodalLM, modality: str, files: list[Path]) -> np.ndarr
         x = torch.stack([encoder.preprocess(f) for f in files[i : i + PROBE_BATCH]])
         out.append(encoder(x).float().mean(dim=1))
     return torch.cat(out).numpy()
+
+
+def _questions_for(data: Path, modalities: list[str], out: Path) -> Path:
+    """The held-out questions about the model's modalities: ``instruct_test.json`` itself when it has them
+    all, else those questions written to ``<out>/questions.json`` (e.g. an image-only model)."""
+    path = data / "instruct_test.json"
+    records = json.loads(path.read_text())
+    kept = [r for r in records if all(m in modalities for m in MODALITY_SOURCES if m in r)]
+    if len(kept) == len(records):
+        return path
+    if not kept:
+        raise MMInputError(f"{path}: no question is about the model's modalities {modalities}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "questions.json").write_text(json.dumps(kept, indent=1) + "\n")
+    return out / "questions.json"
 
 
 def linear_probe(model: MultimodalLM, data: Path) -> dict[str, float]:
@@ -128,11 +144,15 @@ def run(
     metrics = evaluate(
         model,
         "toy",
-        data / "instruct_test.json",
+        _questions_for(data, list(cfg.model.modalities), out),
         output_dir=out / "eval",
         batch_size=EVAL_BATCH,
         max_new_tokens=EVAL_MAX_NEW_TOKENS,
+        media_root=data,
     )
+    chance = json.loads((data / "realworld.json").read_text())["chance"]
+    for qtype, row in metrics["per_question_type"].items():  # mean over the questions, not the last one's
+        row["chance"] = 100.0 * chance[qtype]
     timings["eval_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     probes = linear_probe(model, data)

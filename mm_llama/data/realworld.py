@@ -192,6 +192,13 @@ def _choice_turn(rng: np.random.Generator, kind: str) -> Turn:
     return "clothing_choice", QUESTIONS["clothing_choice"][1][0].format(options=options), kind, picked
 
 
+def _any_first(rng: np.random.Generator, turns: list[Turn]) -> list[Turn]:
+    """The training turns in a random order: every question type must also be learned right after the media,
+    where each test question comes (asked second only, the multiple-choice question read 70% against 80% for
+    the open one on the same images)."""
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
 def _image_turns(rng: np.random.Generator, kind: str) -> list[Turn]:
     return [_turn(rng, "clothing_kind", kind), _choice_turn(rng, kind)]
 
@@ -214,7 +221,7 @@ def build_images(out: Path, n_train: int, n_test: int, seed: int) -> dict[str, l
             turns = _image_turns(rng, kind)
             if split == "train":
                 records["align"].append(_caption("image", rel, sample_id, f"a photo of a {kind}"))
-                records["train"].append(_record(sample_id, "image", rel, turns))
+                records["train"].append(_record(sample_id, "image", rel, _any_first(rng, turns)))
             else:
                 records["test"] += [_record(f"{sample_id}-{t[0]}", "image", rel, [t]) for t in turns]
     return records
@@ -238,7 +245,7 @@ def build_speech(out: Path, seed: int, speeds: Sequence[int] = SPEEDS_WPM) -> di
                         if split == "train":
                             caption = f"the word {digit}, said by a {sex} voice"
                             records["align"].append(_caption("audio", rel, sample_id, caption))
-                            records["train"].append(_record(sample_id, "audio", rel, turns))
+                            records["train"].append(_record(sample_id, "audio", rel, _any_first(rng, turns)))
                         else:
                             records["test"] += [
                                 _record(f"{sample_id}-{t[0]}", "audio", rel, [t]) for t in turns

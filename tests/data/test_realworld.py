@@ -15,10 +15,11 @@ from mm_llama.config import EncoderConfig, ModalityConfig, ModelConfig, Projecto
 from mm_llama.data import realworld
 from mm_llama.data.realworld import build_realworld, read_idx
 from mm_llama.encoders.packaged import MissingPackageError
+from mm_llama.errors import MMInputError
 from mm_llama.eval import evaluate
 from mm_llama.model import MultimodalLM
-from mm_llama.realworld import linear_probe
-from mm_llama.train import TrainConfig, train
+from mm_llama.realworld import CONFIG, _questions_for, linear_probe
+from mm_llama.train import TrainConfig, load_train_config, train
 from mm_llama.train.config import StageConfig
 from tests.conftest import tiny_llm_config
 
@@ -75,6 +76,32 @@ def test_missing_sources_name_the_install_command(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(realworld.shutil, "which", lambda name: None)
     with pytest.raises(MissingPackageError, match="apt-get install espeak-ng"):
         realworld.speak("one", "m1", 160, tmp_path / "one.wav")
+
+
+def test_an_image_only_model_gets_the_image_questions(data: Path, tmp_path: Path) -> None:
+    assert _questions_for(data, ["image", "audio", "imu"], tmp_path) == data / "instruct_test.json"
+    kept = json.loads(_questions_for(data, ["image"], tmp_path).read_text())
+    assert len(kept) == 20 and {r["question_type"] for r in kept} == {"clothing_kind", "clothing_choice"}
+    with pytest.raises(MMInputError, match=r"no question is about the model's modalities \['video'\]"):
+        _questions_for(data, ["video"], tmp_path)
+
+
+def test_the_from_scratch_preset_matches_the_pretrained_one_but_for_the_image_encoder() -> None:
+    pretrained = load_train_config(CONFIG)
+    scratch = load_train_config(CONFIG.with_name("realworld_scratch.yaml"))
+    assert list(scratch.model.modalities) == ["image"]
+    assert pretrained.model.modalities["image"].encoder.type == "efficientnet_lite0"
+    assert scratch.model.modalities["image"].encoder.type == "image_cnn"
+    assert scratch.model.modalities["image"].projector == pretrained.model.modalities["image"].projector
+    for name in ("align", "instruct"):  # the same data and LLM schedule, on the image records only
+        mine, theirs = scratch.stages[name], pretrained.stages[name]
+        assert (mine.data, mine.max_steps, mine.batch_size, mine.lr) == (
+            theirs.data,
+            theirs.max_steps,
+            theirs.batch_size,
+            theirs.lr,
+        )
+        assert mine.only == ["image"]
 
 
 def test_a_few_steps_on_each_source_then_evaluation(data: Path, tmp_path: Path) -> None:
