@@ -170,10 +170,12 @@ TINY_ENCODERS: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {
     ),
     "timm": ({"model_name": "vit_tiny_patch16_224", "model_kwargs": TINY_TIMM}, lambda: image(40, 50)),
     "image_cnn": ({"image_size": 32, "channels": (8, 16), "grid": 2}, lambda: image(40, 50)),
+    "efficientnet_lite0": ({"pretrained": False, "image_size": 64, "grid": 2}, lambda: image(40, 50)),
     "patches": ({"patch_size": 8, "max_height": 32, "max_width": 32}, lambda: image(20, 30)),
     "video": ({"frame_encoder": TINY_FRAME_ENCODER, "num_frames": 2}, lambda: np.stack([image(24, 24)] * 3)),
     "whisper": ({"config": TINY_WHISPER}, lambda: (noise(AUDIO_RATE, 1), AUDIO_RATE)),
     "clap": ({"config": TINY_CLAP_AUDIO}, lambda: (noise(AUDIO_RATE, 1), AUDIO_RATE)),
+    "resemblyzer": ({"pretrained": False, "max_seconds": 0.5}, lambda: (noise(AUDIO_RATE, 1), AUDIO_RATE)),
     "audio_transformer": (
         {"max_seconds": 1.0, "width": 32, "depth": 1, "heads": 2, "stem_channels": 4},
         lambda: (noise(AUDIO_RATE, 1), AUDIO_RATE),

@@ -28,6 +28,7 @@ PRESETS = (
     "fuyu_patches",
     "quickstart",
     "realworld",
+    "realworld_scratch",
 )
 
 

@@ -89,7 +89,7 @@ def test_gemma_turn_template_and_labels(gemma_tokenizer) -> None:
 def test_fallback_template_on_gemma(gemma_tokenizer) -> None:
     p = processor(gemma_tokenizer, chat_template="fallback")
     example = p(TURNS, {"image": [np.zeros((32, 32, 3), dtype=np.uint8)]})
-    assert supervised_text(p, example) == "It is red.<eos>\nBlue.<eos>\n"
+    assert supervised_text(p, example) == " It is red.<eos>\n Blue.<eos>\n"  # the space after "ASSISTANT:"
     check_labels(p, TURNS, example, "gemma-fallback")
     assert p.end_of_turn_ids() == [p.tokenizer.eos_token_id]
 
