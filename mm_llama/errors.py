@@ -24,3 +24,15 @@ class ConversationError(MMInputError):
 class LabelMaskError(MMInputError):
     """The supervised tokens of a training record are not exactly its assistant replies (plus what ends
     each turn): the chat template and the label mask disagree."""
+
+
+def name_error(error: BaseException, where: str) -> BaseException:
+    """``error`` with ``where`` (e.g. ``<file>:<record id>``) in front of its message: ``error`` itself when
+    its message names ``where`` already, else one of its type (``MMInputError`` when that type takes other
+    arguments than a message)."""
+    if where in str(error):
+        return error
+    try:
+        return type(error)(f"{where}: {error}")
+    except Exception:  # an exception type that takes other arguments
+        return MMInputError(f"{where}: {error}")

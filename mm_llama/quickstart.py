@@ -22,7 +22,7 @@ import torch
 from mm_llama.data.toyworld import generate_toyworld
 from mm_llama.eval import evaluate
 from mm_llama.model import MultimodalLM
-from mm_llama.train import load_train_config, train
+from mm_llama.train import TrainConfig, load_train_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "quickstart.yaml"
 N_TRAIN = 2000
@@ -52,6 +52,27 @@ def table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def forget_stages(cfg: TrainConfig) -> None:
+    """Delete the stages' checkpoints and feature caches: they were trained on other data, so the next run
+    starts over rather than resumes them."""
+    for name in cfg.stages:
+        shutil.rmtree(Path(cfg.output_dir) / name, ignore_errors=True)
+    for stage in cfg.stages.values():
+        if stage.feature_cache is not None:
+            shutil.rmtree(stage.feature_cache, ignore_errors=True)
+
+
+def train_stages(cfg: TrainConfig, tag: str, timings: dict[str, float]) -> Path:
+    """Train every stage in turn (each resumes when its checkpoint is there), recording each one's wall
+    time in ``timings`` as ``<stage>_s``; returns the last stage's checkpoint."""
+    for name in cfg.stages:
+        t0 = time.perf_counter()
+        print(f"[{tag}] stage {name} ...", flush=True)
+        final = train(cfg, stages=[name])
+        timings[f"{name}_s"] = time.perf_counter() - t0
+    return final
+
+
 def run(
     config: str | Path = CONFIG, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0
 ) -> dict[str, Any]:
@@ -70,19 +91,11 @@ def run(
         != wanted
     ):
         print(f"[quickstart] generating the toy world in {data} ...", flush=True)
-        for name in cfg.stages:  # trained on another toy world: start over rather than resume them
-            shutil.rmtree(out / name, ignore_errors=True)
-        for stage in cfg.stages.values():
-            if stage.feature_cache is not None:
-                shutil.rmtree(stage.feature_cache, ignore_errors=True)
+        forget_stages(cfg)
         generate_toyworld(data, seed=seed, n_train=n_train, n_val=0, n_test=n_test)
         (data / "quickstart.json").write_text(json.dumps(wanted))
     timings = {"toyworld_s": time.perf_counter() - started}
-    for name in cfg.stages:
-        t0 = time.perf_counter()
-        print(f"[quickstart] stage {name} ...", flush=True)
-        final = train(cfg, stages=[name])
-        timings[f"{name}_s"] = time.perf_counter() - t0
+    final = train_stages(cfg, "quickstart", timings)
     t0 = time.perf_counter()
     model = MultimodalLM.from_pretrained(final).eval()
     shutil.rmtree(out / "eval", ignore_errors=True)  # answers of an earlier model must not be resumed

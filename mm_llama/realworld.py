@@ -24,7 +24,8 @@ from mm_llama.data.realworld import MODALITY_SOURCES, build_realworld
 from mm_llama.errors import MMInputError
 from mm_llama.eval import evaluate
 from mm_llama.model import MultimodalLM
-from mm_llama.train import load_train_config, train
+from mm_llama.quickstart import forget_stages, train_stages
+from mm_llama.train import load_train_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "realworld.yaml"
 N_IMAGES = 1500
@@ -125,19 +126,11 @@ def run(
     stamp = data / "settings.json"
     if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         print(f"[realworld] building the data in {data} ...", flush=True)
-        for name in cfg.stages:  # trained on other data: start over rather than resume
-            shutil.rmtree(out / name, ignore_errors=True)
-        for stage in cfg.stages.values():
-            if stage.feature_cache is not None:
-                shutil.rmtree(stage.feature_cache, ignore_errors=True)
+        forget_stages(cfg)
         build_realworld(data, n_images, n_test_images, imu_repeats=imu_repeats, seed=seed)
         stamp.write_text(json.dumps(wanted))
     timings = {"data_s": time.perf_counter() - started}
-    for name in cfg.stages:
-        t0 = time.perf_counter()
-        print(f"[realworld] stage {name} ...", flush=True)
-        final = train(cfg, stages=[name])
-        timings[f"{name}_s"] = time.perf_counter() - t0
+    final = train_stages(cfg, "realworld", timings)
     t0 = time.perf_counter()
     model = MultimodalLM.from_pretrained(final).eval()
     shutil.rmtree(out / "eval", ignore_errors=True)  # answers of an earlier model must not be resumed

@@ -38,7 +38,7 @@ from mm_llama.data.records import (
     open_records,
     record_at,
 )
-from mm_llama.errors import MissingInputError, MMInputError
+from mm_llama.errors import MissingInputError, MMInputError, name_error
 from mm_llama.modality import modalities
 from mm_llama.processor import Example, MultimodalProcessor, check_labels
 
@@ -245,13 +245,9 @@ class ConversationDataset(Dataset[Example]):
             except (MMInputError, OSError) as e:
                 if skip_unreadable:
                     continue
-                where = self.where(index)
-                if where in str(e):
+                named = name_error(e, self.where(index))
+                if named is e:
                     raise
-                try:
-                    named = type(e)(f"{where}: {e}")
-                except Exception:  # an exception type that takes other arguments
-                    named = MMInputError(f"{where}: {e}")
                 raise named from e
             check_labels(self.processor, self.record(index)[CONVERSATIONS_KEY], example, self.where(index))
             checked += 1

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
 from mm_llama.data.feature_cache import cache_features, cached_processor, frozen_modalities
-from mm_llama.errors import ConversationError, MMInputError
+from mm_llama.errors import ConversationError, MMInputError, name_error
 from mm_llama.model import MultimodalLM
 from mm_llama.train.config import TrainConfig
 
@@ -92,12 +92,9 @@ class StageDataset(Dataset):
             where = self.base.where(i)
             if self.on_error == "skip":
                 return SkippedRecord(where, skip_reason(e), str(e))
-            if where in str(e):
+            named = name_error(e, where)
+            if named is e:
                 raise
-            try:
-                named = type(e)(f"{where}: {e}")
-            except Exception:  # an exception type that takes other arguments
-                named = MMInputError(f"{where}: {e}")
             raise named from e
 
 
