@@ -4,6 +4,7 @@ the real SmolLM2-135M answering through MultimodalLM."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,23 @@ def test_nf4_double_quant_loading() -> None:
     assert linear.weight.quant_type == "nf4"
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 49152)
+
+
+def test_nf4_model_releases_the_checkpoint_mapping(tmp_path) -> None:
+    """The unquantized tensors of a 4-bit model are copied out of the checkpoint's memory map, so the
+    process does not stay resident by the full-precision file's size."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128, "vocab_size": 512}
+    config = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_llm(LLMConfig(name_or_path=str(tmp_path), quantization="nf4"))
+    mapped = open("/proc/self/maps").read() if Path("/proc/self/maps").is_file() else ""
+    assert str(tmp_path / "model.safetensors") not in mapped
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)
 
 
 @pytest.fixture(scope="module")
