@@ -63,7 +63,13 @@ import torch
 import transformers
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mm_llama import EncoderConfig, LLMConfig, ModalityConfig, ModelConfig, MultimodalLM, ProjectorConfig
@@ -153,7 +159,7 @@ LABELS = {
     "stage1_cached_step": "stage-1 step, mm_llama from its feature cache (s)",
     "stage2_lora_step": "stage-2 LoRA step (s)",
     "stage2_qlora_step": "stage-2 QLoRA step, NF4 (s)",
-    "prefill": "prefill, batch 1, one token (s)",
+    "prefill": "prefill, batch 1, call to first logits (s)",
     "decode_b1": "greedy decode, batch 1 (tokens/s)",
     "decode_b8": "greedy decode, batch 8 (tokens/s)",
     "memory_stage1": "stage-1 step peak memory above weights (MiB)",
@@ -189,9 +195,9 @@ class BenchSettings:
     shared with other processes, fewer threads than cores avoids OpenMP oversubscription stalls."""
 
 
-QUICK: dict[str, Any] = {"vision": "vit-s", "image_size": 224, "batch": 2, "repeats": 1, "new_tokens": 8}
+QUICK: dict[str, Any] = {"vision": "vit-s", "image_size": 224, "batch": 2, "repeats": 1}
 """``--quick``'s defaults (explicit flags still win): a ViT-S-shaped tower at 224 px (256 image tokens),
-batch 2, one timed repeat, 8 new tokens; the real SmolLM2-135M."""
+batch 2, one timed repeat; still the real SmolLM2-135M and 32 new tokens."""
 
 
 @dataclass
@@ -402,20 +408,50 @@ def step_fns(
     return {MM_LLAMA: ours, HF_LLAVA: hf}
 
 
+class StepClock(LogitsProcessor):
+    """A logits processor that only records when each generation step's logits are ready: the first
+    stamp follows the prefill, each later one one more decode forward. It splits one generation into its
+    prefill and decode times, so neither is a difference of two noisy runs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+@dataclass
+class Generation:
+    """One timed greedy generation: its texts, its prefill time (from the call to the first logits, so
+    preprocessing, the tower and the projector included) and the time of its ``n - 1`` decode steps."""
+
+    texts: list[str]
+    prefill_s: float
+    decode_s: float
+
+
 def generate_fns(
     pair: Pair, images: Sequence[np.ndarray], new_tokens: int
-) -> dict[str, Callable[[], list[str]]]:
-    """Greedy generation of exactly ``new_tokens`` tokens for one prompt per image, from raw images."""
+) -> dict[str, Callable[[], Generation]]:
+    """Greedy generation of exactly ``new_tokens`` tokens for one prompt per image, from raw images, each
+    implementation through its public ``generate`` with the same :class:`StepClock`."""
     prompts = [QUESTION] * len(images)
     per_prompt = [[img] for img in images]
     tokenizer = pair.ours.tokenizer
 
-    def ours() -> list[str]:
+    def ours(clock: StepClock) -> list[str]:
         return pair.ours.generate(
-            prompts, images=per_prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+            prompts,
+            images=per_prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([clock]),
         )
 
-    def hf() -> list[str]:
+    def hf(clock: StepClock) -> list[str]:
         kwargs = hf_inputs(pair.ours.prepare(prompts, {"image": per_prompt}), pair.device)
         out = pair.hf.generate(
             **kwargs,
@@ -423,11 +459,27 @@ def generate_fns(
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([clock]),
         )
         new = out[:, kwargs["input_ids"].shape[1] :]  # (B, new_tokens)
         return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    return {MM_LLAMA: ours, HF_LLAVA: hf}
+    def timed(name: str, run: Callable[[StepClock], list[str]]) -> Callable[[], Generation]:
+        def call() -> Generation:
+            clock = StepClock(pair.device)
+            synchronize(pair.device)
+            start = time.perf_counter()
+            texts = run(clock)
+            if len(clock.stamps) != new_tokens:
+                raise RuntimeError(
+                    f"{name}: its generate ran the logits processors {len(clock.stamps)} times for "
+                    f"{new_tokens} new tokens; the prefill / decode clock needs one call per token"
+                )
+            return Generation(texts, clock.stamps[0] - start, clock.stamps[-1] - clock.stamps[0])
+
+        return call
+
+    return {MM_LLAMA: timed(MM_LLAMA, ours), HF_LLAVA: timed(HF_LLAVA, hf)}
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
@@ -438,21 +490,24 @@ def synchronize(device: torch.device) -> None:
 
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warm_up: bool = True
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
+) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Optionally one warm-up call each, then ``repeats`` timed calls each, alternating which goes first.
 
-    Returns the seconds of every timed call and each function's last return value."""
+    Returns the seconds and the return value of every timed call."""
     names = list(fns)
-    last: dict[str, Any] = {name: fns[name]() for name in names} if warm_up else {}
+    if warm_up:
+        for name in names:
+            fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             synchronize(device)
             start = time.perf_counter()
-            last[name] = fns[name]()
+            outputs[name].append(fns[name]())
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return times, last
+    return times, outputs
 
 
 def warm_up_with_memory(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
@@ -507,7 +562,8 @@ def measure_step(pair: Pair, fns: dict[str, Callable[[], float]], repeats: int) 
     pair.ours.train()
     pair.ours.encoders.eval()  # the frozen tower (shared with HF Llava) runs as in inference
     peaks = warm_up_with_memory(fns, pair.device)
-    times, losses = time_interleaved(fns, repeats, pair.device, warm_up=False)
+    times, outputs = time_interleaved(fns, repeats, pair.device, warm_up=False)
+    losses = {name: runs[-1] for name, runs in outputs.items()}
     pair.ours.zero_grad(set_to_none=True)
     pair.hf.zero_grad(set_to_none=True)
     pair.ours.eval()
@@ -520,23 +576,27 @@ def measure_step(pair: Pair, fns: dict[str, Callable[[], float]], repeats: int) 
 
 
 def measure_generation(pair: Pair, settings: BenchSettings) -> dict[str, Any]:
-    """Prefill (one-token generation) and full generations at each decode batch, interleaved."""
+    """Greedy generations at each decode batch, interleaved: medians of their prefill and decode times."""
     results: dict[str, Any] = {}
     for batch in DECODE_BATCHES:
         images = random_images(batch, settings.image_size, settings.seed + 1)
+        times, outputs = time_interleaved(
+            generate_fns(pair, images, settings.new_tokens), settings.repeats, pair.device
+        )
         entry: dict[str, Any] = {}
-        for key, n in (("first_token", 1), ("generate", settings.new_tokens)):
-            times, texts = time_interleaved(generate_fns(pair, images, n), settings.repeats, pair.device)
-            entry[key] = {name: {**summary(times[name]), "texts": texts[name]} for name in times}
-            entry[key]["same_texts"] = texts[MM_LLAMA] == texts[HF_LLAVA]
-        for name in (MM_LLAMA, HF_LLAVA):
-            decode_s = entry["generate"][name]["median_s"] - entry["first_token"][name]["median_s"]
-            if decode_s <= 0:
-                raise RuntimeError(
-                    f"{name}, batch {batch}: generating {settings.new_tokens} tokens took no longer than one "
-                    f"({decode_s:.4f} s more): timing noise swamps decoding; raise --new-tokens or --repeats"
-                )
-            entry[name] = {"decode_s": decode_s, "tokens_per_s": batch * (settings.new_tokens - 1) / decode_s}
+        for name, runs in outputs.items():
+            decode_s = statistics.median(g.decode_s for g in runs)
+            entry[name] = {
+                **summary(times[name]),
+                "prefill_s": [round(g.prefill_s, 4) for g in runs],
+                "median_prefill_s": statistics.median(g.prefill_s for g in runs),
+                "decode_s": [round(g.decode_s, 4) for g in runs],
+                "tokens_per_s": batch * (settings.new_tokens - 1) / decode_s,
+                "texts": runs[-1].texts,
+            }
+        entry["same_texts"] = all(
+            ours.texts == hf.texts for ours, hf in zip(outputs[MM_LLAMA], outputs[HF_LLAVA])
+        )
         results[f"batch_{batch}"] = entry
     return results
 
@@ -645,8 +705,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     HF for tokens/s."""
     steps, generation = results["steps"], results["generation"]
     out = {key: steps[key][HF_LLAVA]["median_s"] / steps[key][MM_LLAMA]["median_s"] for key in steps}
-    first = generation["batch_1"]["first_token"]
-    out["prefill"] = first[HF_LLAVA]["median_s"] / first[MM_LLAMA]["median_s"]
+    first = generation["batch_1"]
+    out["prefill"] = first[HF_LLAVA]["median_prefill_s"] / first[MM_LLAMA]["median_prefill_s"]
     for batch in DECODE_BATCHES:
         entry = generation[f"batch_{batch}"]
         out[f"decode_b{batch}"] = entry[MM_LLAMA]["tokens_per_s"] / entry[HF_LLAVA]["tokens_per_s"]
@@ -662,8 +722,8 @@ def values(results: dict[str, Any], key: str) -> tuple[float, float]:
     if key in steps:
         return steps[key][MM_LLAMA]["median_s"], steps[key][HF_LLAVA]["median_s"]
     if key == "prefill":
-        first = generation["batch_1"]["first_token"]
-        return first[MM_LLAMA]["median_s"], first[HF_LLAVA]["median_s"]
+        first = generation["batch_1"]
+        return first[MM_LLAMA]["median_prefill_s"], first[HF_LLAVA]["median_prefill_s"]
     if key.startswith("decode_b"):
         entry = generation[f"batch_{key.removeprefix('decode_b')}"]
         return entry[MM_LLAMA]["tokens_per_s"], entry[HF_LLAVA]["tokens_per_s"]
@@ -681,12 +741,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def same_texts(results: dict[str, Any]) -> bool:
-    """Whether every generation (one token and full, each batch) gave identical texts on both sides."""
-    return all(
-        entry[key]["same_texts"]
-        for entry in results["generation"].values()
-        for key in ("first_token", "generate")
-    )
+    """Whether every timed generation gave identical texts on both sides, at each batch."""
+    return all(entry["same_texts"] for entry in results["generation"].values())
 
 
 def describe(results: dict[str, Any]) -> str:
