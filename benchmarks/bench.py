@@ -21,10 +21,12 @@ once untimed, and the table shows medians):
   ``features=``) while HF Llava runs its tower, since it has no such cache: the comparison a user sees;
 - ``stage2_lora_step``: LoRA adapters (r, alpha, every linear layer of the LLM) + projector train;
 - ``stage2_qlora_step``: the same with the LLM in 4-bit NF4 (``prepare_model_for_kbit_training``);
-- ``prefill``: latency of a one-token greedy generation at batch 1, from raw images and a prompt;
-- ``decode_b1`` / ``decode_b8``: greedy decode tokens/s at batch 1 and 8: exactly ``--new-tokens``
-  tokens per prompt (EOS suppressed), ``batch x (new_tokens - 1)`` over the median time of that
-  generation minus the median time of the one-token generation (the prefill) at the same batch;
+- ``prefill`` / ``decode_b1`` / ``decode_b8``: one greedy generation per repeat at batch 1 and 8, through
+  each implementation's public ``generate`` from raw images and prompts, exactly ``--new-tokens`` tokens
+  per prompt (EOS suppressed). A logits processor that only reads the clock splits it: prefill is the
+  time from the call to the first logits at batch 1 (preprocessing, tower, projector and the prompt's
+  forward); decode tokens/s is ``batch x (new_tokens - 1)`` over the time from the first logits to the
+  last;
 - ``memory_stage1`` / ``memory_stage2``: peak memory of the stage-1 step and of the stage-2 (QLoRA)
   step above what was allocated before it (CUDA: ``max_memory_allocated``; CPU: the PyTorch CPU
   allocator's running total as recorded by ``torch.profiler``); the LoRA and cached steps' peaks are in
