@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_index
 from benchmarks.bench import (
@@ -73,7 +75,17 @@ def test_settings_that_cannot_run_are_refused_naming_the_flag(settings: BenchSet
         check_settings(settings)
 
 
-def test_benchmark_cli_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """``--threads 1`` for the benchmark (OpenMP stalls on a shared CPU), PyTorch's count restored after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_benchmark_cli_on_tiny_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
     out, chart = tmp_path / "results.json", tmp_path / "chart.png"
     main([*TINY_ARGS, "--threads", "1", "--json", str(out), "--png", str(chart)])
     results = json.loads(out.read_text())
