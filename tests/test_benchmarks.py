@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from benchmarks import bench_index
 from benchmarks.bench import (
     HF_LLAVA,
+    LLM_PRESETS,
     MM_LLAMA,
     QUICK,
     RATIO_KEYS,
@@ -73,6 +75,14 @@ def test_quick_sets_its_defaults_and_explicit_flags_win() -> None:
 def test_settings_that_cannot_run_are_refused_naming_the_flag(settings: BenchSettings, flag: str) -> None:
     with pytest.raises(MMInputError, match=flag):
         check_settings(settings)
+
+
+def test_llama3_8b_preset_has_llama_3_8b_shape() -> None:
+    """Built on the meta device only: its 8.03 B random weights are for GPU runs."""
+    config = AutoConfig.for_model("llama", **LLM_PRESETS["llama3-8b"])
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in llm.parameters()) == 8_030_261_248  # Meta-Llama-3-8B's count
 
 
 @pytest.fixture
