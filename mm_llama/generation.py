@@ -173,10 +173,10 @@ class GenerationMixin:
         ``compile=True`` decodes with a static KV cache and a ``torch.compile``d decoding step (transformers'
         own static-cache path; on CUDA its default mode also captures CUDA graphs), for the same greedy text.
         The first call compiles (about 40 s for SmolLM2-135M on one CPU core), and so does a new batch size or
-        a longer cache (sized in blocks of ``STATIC_CACHE_BLOCK``); on a CPU each decoding step is then about
-        1.2x faster (``benchmarks/README.md``), so it pays off over thousands of generated tokens (an eval
-        run, a benchmark), not for one chat reply. Models transformers cannot compile (4-bit) keep the
-        static cache without compiling.
+        a longer cache (sized in blocks of ``STATIC_CACHE_BLOCK``). On a CPU, at batch 1, each decoding step
+        is then about 1.2x faster, so it pays off over thousands of generated tokens (an eval run, a
+        benchmark), not for one chat reply; at batch 8 it was slower (``docs/decoding.md``). Models
+        transformers cannot compile (4-bit) run with the static cache, uncompiled.
 
         Other keyword arguments go to transformers' ``generate`` (``num_beams=``, ``repetition_penalty=``,
         ...). A keyword ending in ``s`` that is neither a registered modality's nor one transformers knows
