@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -804,20 +804,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchSettings, Path |
     if args.quick:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    settings = BenchSettings(
-        llm=args.llm,
-        vision=args.vision,
-        image_size=args.image_size,
-        batch=args.batch,
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        new_tokens=args.new_tokens,
-        seed=args.seed,
-        threads=args.threads,
-    )
+    settings = BenchSettings(**{f.name: getattr(args, f.name) for f in fields(BenchSettings)})
     return settings, args.json, args.png
 
 
