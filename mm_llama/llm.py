@@ -269,9 +269,11 @@ def _quantize_random(config: AutoConfig, cfg: LLMConfig) -> PreTrainedModel:
     """A randomly initialised model saved to a temp folder and reloaded in 4 bits (tests, experiments)."""
     with tempfile.TemporaryDirectory(prefix="mm-llama-rand-") as tmp:
         save_on_this_process(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tmp)
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             tmp,
             dtype=DTYPES[cfg.dtype],
             quantization_config=quantization_config(cfg),
             attn_implementation=cfg.attn_implementation,
         )
+    release_checkpoint_mapping(model)
+    return model
