@@ -827,4 +827,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MMInputError as e:  # a bad flag: one line and exit code 2, as mm-llama's own CLI does
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
