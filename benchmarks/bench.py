@@ -191,6 +191,9 @@ class BenchSettings:
     """LoRA rank and scaling numerator (LLaVA-1.5's 128 / 256), on every linear layer of the LLM."""
     new_tokens: int = 32
     """Tokens generated per prompt by the decode measures (EOS is suppressed until then)."""
+    seq_len: int | None = None
+    """Tokens of every training sample: the answer is repeated and cut there (labels on all of it), e.g.
+    2048 for QLoRA memory at LLaVA's longest conversations; ``None``: the short answer alone."""
     seed: int = 0
     threads: int | None = None
     """CPU threads for PyTorch (``torch.set_num_threads``); ``None`` keeps PyTorch's default. On a CPU
@@ -209,6 +212,8 @@ class Pair:
     ours: MultimodalLM
     hf: LlavaForConditionalGeneration
     device: torch.device
+    answer: str = ANSWER
+    """The training samples' answer (see :func:`answer`)."""
 
 
 # ---- building ------------------------------------------------------------------------------------------
@@ -222,6 +227,11 @@ def check_settings(settings: BenchSettings) -> None:
     if settings.new_tokens < 2:
         raise MMInputError(
             f"--new-tokens: expected at least 2 (decode is timed past the first), got {settings.new_tokens}"
+        )
+    if settings.seq_len is not None and settings.seq_len < 2 * image_tokens(settings):
+        raise MMInputError(
+            f"--seq-len: expected at least twice the {image_tokens(settings)} image tokens (room for the "
+            f"answer), got {settings.seq_len}"
         )
     if settings.llm == "llama3-8b" and settings.device != "cuda":
         raise MMInputError("--llm llama3-8b: expected --device cuda (its 8B random weights are for GPU runs)")
@@ -245,7 +255,24 @@ def model_config(settings: BenchSettings) -> ModelConfig:
         encoder=EncoderConfig(type="hf_vision", options={"config": clip}, freeze=True),
         projector=ProjectorConfig(type="mlp2x_gelu"),
     )
-    return ModelConfig(llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT)
+    if settings.seq_len is None:
+        return ModelConfig(llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT)
+    return ModelConfig(
+        llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT, max_length=settings.seq_len
+    )
+
+
+def image_tokens(settings: BenchSettings) -> int:
+    """Image tokens per sample: one per 14 px patch."""
+    return (settings.image_size // PATCH_SIZE) ** 2
+
+
+def answer(settings: BenchSettings) -> str:
+    """The training answer: :data:`ANSWER`, repeated past ``seq_len`` when set (the processor cuts a
+    training reply at ``max_length``, so every sample is exactly ``seq_len`` tokens)."""
+    if settings.seq_len is None:
+        return ANSWER
+    return " ".join([ANSWER] * (settings.seq_len // 4))  # > seq_len tokens: every word is >= 1 token
 
 
 def build_model(settings: BenchSettings) -> MultimodalLM:
@@ -310,12 +337,13 @@ def hf_llava(ours: MultimodalLM) -> LlavaForConditionalGeneration:
     return hf.requires_grad_(False)
 
 
-def pair_for(ours: MultimodalLM) -> Pair:
-    """``ours`` and an HF Llava over its modules, projectors trainable on both sides."""
+def pair_for(ours: MultimodalLM, reply: str = ANSWER) -> Pair:
+    """``ours`` and an HF Llava over its modules, projectors trainable on both sides; ``reply`` is the
+    training samples' answer."""
     hf = hf_llava(ours)
     ours.projectors.requires_grad_(True)
     hf.model.multi_modal_projector.requires_grad_(True)
-    return Pair(ours=ours, hf=hf, device=ours.device)
+    return Pair(ours=ours, hf=hf, device=ours.device, answer=reply)
 
 
 def add_adapters(pair: Pair, settings: BenchSettings, qlora: bool) -> None:
@@ -337,15 +365,15 @@ def random_images(n: int, size: int, seed: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def conversation() -> list[dict[str, str]]:
-    return [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
+def conversation(reply: str = ANSWER) -> list[dict[str, str]]:
+    return [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": reply}]
 
 
 def training_batch(pair: Pair, images: Sequence[Any], processor: Any = None) -> dict[str, Any]:
     """A collated LLaVA-style batch on the pair's device: ``input_ids``/``attention_mask``/``labels``
     (B, T) and ``media`` (preprocessed images, or with a cached processor the tower's features)."""
     processor = processor if processor is not None else pair.ours.processor
-    collated = processor.collate([processor(conversation(), {"image": [img]}) for img in images])
+    collated = processor.collate([processor(conversation(pair.answer), {"image": [img]}) for img in images])
     for key in ("input_ids", "attention_mask", "labels"):
         collated[key] = collated[key].to(pair.device)
     return collated
@@ -363,7 +391,7 @@ def cached_batch(pair: Pair, images: Sequence[np.ndarray], folder: Path) -> dict
         {
             "id": str(i),
             "image": p.name,
-            "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": ANSWER}],
+            "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": pair.answer}],
         }
         for i, p in enumerate(paths)
     ]
@@ -662,7 +690,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
     check_settings(settings)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    pair = pair_for(build_model(settings))
+    pair = pair_for(build_model(settings), answer(settings))
     images = random_images(settings.batch, settings.image_size, settings.seed)
     batch = training_batch(pair, images)
     placeholder = pair.ours.processor.placeholder_ids["image"]
@@ -694,7 +722,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
     ours = pair.ours
     ours.llm = four_bit  # the full-precision LLM and its adapters go
     ours.config = replace(ours.config, llm=replace(ours.config.llm, quantization="nf4"))
-    pair = pair_for(ours)
+    pair = pair_for(ours, pair.answer)
     add_adapters(pair, settings, qlora=True)
     steps["stage2_qlora_step"] = measure_step(pair, step_fns(pair, batch), settings.repeats)
     results["steps"] = steps
@@ -796,6 +824,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchSettings, Path |
     parser.add_argument("--lora-r", type=int, default=d.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument(
+        "--seq-len", type=int, default=d.seq_len, help="tokens per training sample (the answer made longer)"
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")

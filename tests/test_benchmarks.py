@@ -24,10 +24,15 @@ from benchmarks.bench import (
     QUICK,
     RATIO_KEYS,
     BenchSettings,
+    answer,
+    build_model,
     check_settings,
     main,
     markdown_table,
+    pair_for,
     parse_args,
+    random_images,
+    training_batch,
 )
 from mm_llama.errors import MMInputError
 
@@ -69,6 +74,7 @@ def test_quick_sets_its_defaults_and_explicit_flags_win() -> None:
         (BenchSettings(image_size=30), "--image-size"),
         (BenchSettings(repeats=0), "--repeats"),
         (BenchSettings(new_tokens=1), "--new-tokens"),
+        (BenchSettings(seq_len=1000), "--seq-len"),  # 576 image tokens at 336 px
         (BenchSettings(llm="llama3-8b"), "--llm llama3-8b"),
     ],
 )
@@ -152,3 +158,13 @@ def test_index_benchmark_builds_then_reads_the_cache(tmp_path: Path) -> None:
     assert not results["build_from_cache"] and results["cached_from_cache"]
     assert results["distinct_media_files"] > 5 and results["mean_length"] > 576  # 576 tokens per image
     assert results["build_s"] > 0 and results["peak_rss_mib"] > 0
+
+
+def test_seq_len_makes_every_training_sample_that_long(one_thread: None) -> None:
+    torch.set_num_threads(1)
+    settings = BenchSettings(llm="tiny", vision="tiny", image_size=28, batch=2, seq_len=40)
+    check_settings(settings)
+    pair = pair_for(build_model(settings), answer(settings))
+    batch = training_batch(pair, random_images(2, 28, 0))
+    assert batch["input_ids"].shape == (2, 40) and bool(batch["attention_mask"].all())
+    assert int((batch["labels"] != -100).sum(1).min()) > 20  # the long answer is supervised

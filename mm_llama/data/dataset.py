@@ -276,6 +276,22 @@ class ConversationDataset(Dataset[Example]):
                     _, per_item[key] = self.processor.handlers[key](str(self._roots[f] / first))
         return per_item
 
+    def modality_weights(self, weights: dict[str, float]) -> np.ndarray:
+        """Each record's weight: the largest of ``weights`` over its media's modalities (1 for a modality
+        not in ``weights`` and for a record without media)."""
+        parts = []
+        for f, index in enumerate(self.indexes):
+            rows = self._rows[f]
+            weight = np.zeros(len(rows))
+            listed = np.zeros(len(rows), dtype=bool)
+            for key, items in index.items.items():
+                has = items[rows] > 0
+                w = weights.get(key, 1.0)
+                weight = np.where(has, np.maximum(weight, w), weight)
+                listed |= has
+            parts.append(np.where(listed, weight, 1.0))
+        return np.concatenate(parts)
+
     def _estimate_lengths(self) -> list[int]:
         per_item = self._per_item_tokens()
         parts = []

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mm_llama.data.dataset import ConversationDataset
 from mm_llama.llm import DTYPES
 from mm_llama.model import MultimodalLM
-from mm_llama.processor import MultimodalProcessor
+from mm_llama.processor import MediaHandler, MultimodalProcessor
 from mm_llama.projectors.base import Projector
 
 logger = logging.getLogger(__name__)
@@ -259,3 +259,49 @@ def cached_processor(
     return model.processor.with_handlers(
         {m: CachedFeatures(cache, encoder_identity(model, m), model.projectors[m]) for m in modalities}
     )
+
+
+class MediaMemo:
+    """Preprocessed media kept in memory, by media path, up to ``max_bytes`` of tensors in all: a training
+    stage that reads the same files every epoch decodes and preprocesses each once (preprocessors are pure,
+    ``mm_llama.encoders.base.MediaPreprocessor``). Items past the budget are preprocessed afresh each time.
+    One per process (and per DataLoader worker); files must not change during the stage."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.entries: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
+
+    def wrap(self, modality: str, handler: MediaHandler) -> MediaHandler:
+        """``handler`` reading through this memo."""
+        return _Memoized(self, modality, handler)
+
+
+class _Memoized:
+    """One modality's handler reading through a :class:`MediaMemo` (a class, so workers can pickle it)."""
+
+    def __init__(self, memo: MediaMemo, modality: str, handler: MediaHandler) -> None:
+        self.memo, self.modality, self.handler = memo, modality, handler
+
+    def __call__(self, item: Any) -> tuple[torch.Tensor, int]:
+        if not isinstance(item, (str, Path)):
+            return self.handler(item)
+        key = (self.modality, str(item))
+        hit = self.memo.entries.get(key)
+        if hit is not None:
+            return hit
+        tensor, count = self.handler(item)
+        size = tensor.numel() * tensor.element_size()
+        if self.memo.used + size <= self.memo.max_bytes:
+            self.memo.entries[key] = (tensor, count)
+            self.memo.used += size
+        return tensor, count
+
+
+def memoized_processor(
+    processor: MultimodalProcessor, modalities: Sequence[str], max_bytes: int
+) -> MultimodalProcessor:
+    """A copy of ``processor`` whose ``modalities`` keep their preprocessed media in one
+    :class:`MediaMemo` of ``max_bytes``."""
+    memo = MediaMemo(max_bytes)
+    return processor.with_handlers({m: memo.wrap(m, processor.handlers[m]) for m in modalities})

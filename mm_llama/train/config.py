@@ -87,6 +87,12 @@ class StageConfig:
     only: list[str] | None = None
     """Train on the records whose media are all of these modalities (``None``: every record), e.g. a
     stage that pretrains one encoder on its captions out of a mixed caption file."""
+    modality_weights: dict[str, float] = field(default_factory=dict)
+    """How often a record is seen relative to the others, by modality (a mixture ratio): a record is
+    repeated ``floor(w)`` times, and once more with probability ``w - floor(w)`` (seeded, fixed for the
+    stage), ``w`` the largest weight among its media's modalities (1 for modalities not listed). E.g.
+    ``{image: 4}`` in a mixed instruction stage gives the image conversations four times their share.
+    Epochs count over the weighted records."""
     data_root: str | None = None
     """Folder that media paths in the records are relative to; ``None``: each data file's folder."""
     template: Template = "chat"
@@ -144,6 +150,10 @@ class StageConfig:
     feature_cache: str | None = None
     """Folder of precomputed features of frozen encoders (built on first use; see
     ``mm_llama.data.feature_cache``). Trainable encoders always run."""
+    cache_media_mb: float = 0.0
+    """Keep up to this many MB of preprocessed media (decoded, resampled, normalized tensors) in memory,
+    by media path, so later epochs skip decoding and preprocessing; for multi-epoch stages whose encoders
+    train (frozen ones read the ``feature_cache``). Per process and DataLoader worker; 0: off."""
 
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end or on a crash)."""
@@ -179,7 +189,7 @@ class TrainConfig:
 
 
 RUNTIME_FIELDS: frozenset[str] = frozenset(
-    {"save_every", "save_every_minutes", "keep_checkpoints", "log_every", "num_workers"}
+    {"save_every", "save_every_minutes", "keep_checkpoints", "log_every", "num_workers", "cache_media_mb"}
 )
 """Stage fields that may change between a checkpoint and its resumption without changing the result."""
 
@@ -229,6 +239,21 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise MMInputError(
                 f"{where}: save_every and save_every_minutes must be >= 0 (0 disables), got "
                 f"{stage.save_every} and {stage.save_every_minutes}"
+            )
+        for modality, weight in stage.modality_weights.items():
+            if modality not in cfg.model.modalities:
+                raise MMInputError(
+                    f"{where}.modality_weights: unknown modality {modality!r}; the model has: "
+                    f"{', '.join(cfg.model.modalities)}"
+                )
+            if not weight > 0:
+                raise MMInputError(
+                    f"{where}.modality_weights.{modality}: expected > 0 (to leave a modality out, use "
+                    f"`only`), got {weight}"
+                )
+        if stage.cache_media_mb < 0:
+            raise MMInputError(
+                f"{where}.cache_media_mb: expected >= 0 (0 disables), got {stage.cache_media_mb}"
             )
         if stage.max_steps is None and stage.epochs <= 0:
             raise MMInputError(f"{where}.epochs: expected > 0 (or set max_steps), got {stage.epochs}")

@@ -14,12 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
 from mm_llama.data.dataset import Collator, ConversationDataset, LengthGroupedBatchSampler
-from mm_llama.data.feature_cache import cache_features, cached_processor, frozen_modalities
+from mm_llama.data.feature_cache import (
+    cache_features,
+    cached_processor,
+    frozen_modalities,
+    memoized_processor,
+)
 from mm_llama.errors import ConversationError, MMInputError, name_error
 from mm_llama.model import MultimodalLM
 from mm_llama.train.config import TrainConfig
@@ -55,10 +61,17 @@ class SkippedRecord:
 
 
 class StageDataset(Dataset):
-    """The stage's records (``base``, minus those with missing media under ``skip``), read with the
-    stage's ``on_error`` policy."""
+    """The stage's records (``base``, minus those with missing media under ``skip``), each repeated as its
+    modality weight says (``weights``; see ``StageConfig.modality_weights``, drawn with ``seed``), read
+    with the stage's ``on_error`` policy."""
 
-    def __init__(self, base: ConversationDataset, on_error: str) -> None:
+    def __init__(
+        self,
+        base: ConversationDataset,
+        on_error: str,
+        weights: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.base = base
         self.on_error = on_error
         self.indices = list(range(len(base)))
@@ -74,6 +87,15 @@ class StageDataset(Dataset):
                 raise MMInputError(
                     f"{', '.join(map(str, base.files))}: every record was skipped (on_error: skip); first: "
                     f"{self.missing[0].where}: {self.missing[0].message}"
+                )
+        if weights:
+            w = base.modality_weights(weights)[self.indices]
+            whole = np.floor(w)
+            extra = np.random.default_rng(seed).random(len(w)) < w - whole
+            self.indices = np.repeat(self.indices, (whole + extra).astype(int)).tolist()
+            if not self.indices:
+                raise MMInputError(
+                    f"{', '.join(map(str, base.files))}: modality_weights {weights} left no record to train on"
                 )
 
     def __len__(self) -> int:
@@ -129,12 +151,15 @@ def stage_data(
                 model, stage.data, stage.feature_cache, stage.data_root, feature_modalities
             )
         processor = cached_processor(model, cache, feature_modalities)
+    if stage.cache_media_mb > 0:
+        read = [m for m in processor.handlers if m not in feature_modalities]
+        processor = memoized_processor(processor, read, int(stage.cache_media_mb * 2**20))
     with accelerator.main_process_first():  # the main process writes the index cache, the others read it
         base = ConversationDataset(
             stage.data, processor, data_root=stage.data_root, only=stage.only, check_media=not skip
         )
     base.check_labels(skip_unreadable=skip)
-    dataset = StageDataset(base, stage.on_error)
+    dataset = StageDataset(base, stage.on_error, stage.modality_weights, cfg.seed)
     if dataset.missing and accelerator.is_main_process:
         for s in dataset.missing:
             logger.warning("%s: skipping %s (%s): %s", name, s.where, s.reason, s.message)
@@ -152,6 +177,7 @@ def stage_data(
         batch_sampler=sampler,
         collate_fn=SkippingCollator(Collator(processor, feature_modalities)),
         num_workers=stage.num_workers,
+        persistent_workers=stage.num_workers > 0,  # workers keep their media memo between epochs
         pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # iterators never draw from the global RNG
     )

@@ -72,7 +72,7 @@ def freeze_for_stage(model: MultimodalLM, stage: StageConfig) -> TrainableSummar
 
     - projectors: ``stage.train_projectors``;
     - encoders: ``encoder_trains`` (via each encoder's ``set_frozen``, which may keep a pretrained
-      backbone frozen under new trainable parts);
+      backbone frozen under new trainable parts); with ``train_encoders: none``, nothing of them trains;
     - LLM: nothing when ``frozen``; every parameter for ``full``; only the LoRA parameters for
       ``lora`` / ``qlora`` (the LLM must already carry adapters, see ``mm_llama.train.lora``).
     """
@@ -80,7 +80,8 @@ def freeze_for_stage(model: MultimodalLM, stage: StageConfig) -> TrainableSummar
     for projector in model.projectors.values():
         projector.requires_grad_(stage.train_projectors)
     for name, encoder in model.encoders.items():
-        encoder.set_frozen(not encoder_trains(model, name, stage))
+        if stage.train_encoders != "none":  # `none` freezes new parts too (a video's temporal embedding)
+            encoder.set_frozen(not encoder_trains(model, name, stage))
     if stage.llm == "full":
         model.llm.requires_grad_(True)
     elif stage.llm in ("lora", "qlora"):

@@ -20,6 +20,8 @@ resume check passed, its model built), atomically.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -140,11 +142,31 @@ def train(
     return out
 
 
+def release_memory() -> None:
+    """Free what the last stage left and hand the allocator's free pages back to the OS.
+
+    A stage's model, optimizer and accelerator reference each other, so only the cycle collector frees
+    them; and the allocator keeps freed activations as free pages of its own (tcmalloc, which `make
+    quickstart` preloads, and glibc's malloc alike), so the next model's build would stack on top of them
+    in resident memory (2.87 GB instead of 2.4 GB at the quickstart's evaluation)."""
+    gc.collect()
+    process = ctypes.CDLL(None)  # the allocator actually loaded: tcmalloc when preloaded
+    release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
+    if release is not None:
+        release()
+    trim = getattr(process, "malloc_trim", None)
+    if trim is not None:  # glibc's (a no-op for tcmalloc's pages)
+        trim(0)
+
+
 def train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None = None) -> Path:
     """Train one stage (resuming from its newest checkpoint when ``cfg.resume``); returns its folder.
     SIGTERM during the stage is handled as Ctrl-C is (:class:`TrainingTerminated`)."""
     with _SigtermAsInterrupt():
-        return _train_stage(cfg, name, on_step)
+        try:
+            return _train_stage(cfg, name, on_step)
+        finally:
+            release_memory()  # before the next stage (or an evaluation) builds its own model
 
 
 def _train_stage(cfg: TrainConfig, name: str, on_step: StepCallback | None) -> Path:

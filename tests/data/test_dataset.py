@@ -226,3 +226,30 @@ def test_media_paths_cannot_leave_the_data_root(tmp_path: Path, model: Multimoda
     dataset = ConversationDataset(write(root / "data.json", rows), model.processor, check_media=False)
     with pytest.raises(MMInputError, match=r"data\.json:one.*outside the data root"):
         dataset[0]
+
+
+def test_modality_weights_repeat_the_records_of_a_modality(data_dir: Path, model: MultimodalLM) -> None:
+    from mm_llama.train.data import StageDataset
+
+    sound = {
+        "id": "sound",
+        "audio": "missing.wav",
+        "conversations": [{"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "beep"}],
+    }
+    both = {**records()[0], "id": "both", "audio": "missing.wav"}
+    dataset = ConversationDataset(
+        write(data_dir / "mixed.json", [*records(), sound, both]), model.processor, check_media=False
+    )
+    # one, two: image; text: no media (1); sound: audio (not listed: 1); both: the larger of image and audio
+    weights = dataset.modality_weights({"image": 3.0, "audio": 0.5})
+    assert weights.tolist() == [3.0, 3.0, 1.0, 0.5, 3.0]
+
+    stage = StageDataset(dataset, "raise", {"image": 3.0})
+    assert stage.indices == [0, 0, 0, 1, 1, 1, 2, 3, 4, 4, 4]
+    assert len(stage.lengths) == len(stage) == 11
+    # fractional weights: each record kept once more with probability w - floor(w), seeded
+    draws = [StageDataset(dataset, "raise", {"image": 1.5}, seed=s).indices for s in range(40)]
+    assert draws[0] == StageDataset(dataset, "raise", {"image": 1.5}, seed=0).indices
+    extra_images = [d.count(0) - 1 for d in draws] + [d.count(1) - 1 for d in draws]
+    assert set(extra_images) == {0, 1} and 0.3 < np.mean(extra_images) < 0.7
+    assert all(d.count(2) == d.count(3) == 1 for d in draws)  # unlisted modalities: exactly once

@@ -15,12 +15,14 @@ from mm_llama.data.dataset import Collator, ConversationDataset
 from mm_llama.data.feature_cache import (
     INDEX_FILE,
     FeatureCache,
+    MediaMemo,
     cache_features,
     cached_processor,
     encoder_identity,
 )
 from mm_llama.model import MultimodalLM
 from mm_llama.model_io import PROJECTORS_FILE
+from mm_llama.processor import MediaTokens
 from mm_llama.train import train
 from tests.train.conftest import (
     NUM_RECORDS,
@@ -132,5 +134,51 @@ def test_stage1_with_the_cache_trains_like_stage1_without(
     expected = load_file(str(train(plain) / PROJECTORS_FILE))
     got = load_file(str(train(cached) / PROJECTORS_FILE))
     assert (tmp_path / "cache" / INDEX_FILE).is_file()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=LOSS_TOLERANCE, rtol=0, msg=key)
+
+
+def test_the_media_memo_preprocesses_each_file_once_within_its_budget(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def handler(item: object) -> tuple[torch.Tensor, int]:
+        calls.append(str(item))
+        return torch.zeros(4), 2  # 16 bytes
+
+    memo = MediaMemo(max_bytes=32)
+    read = memo.wrap("image", handler)
+    for _ in range(3):  # three epochs
+        for path in ["a.png", "b.png", "c.png"]:
+            tensor, count = read(tmp_path / path)
+            assert tensor.shape == (4,) and count == 2
+    # a and b fit the 32 bytes and are read once; c is past the budget and read every time
+    assert sorted(calls) == sorted([str(tmp_path / p) for p in ["a.png", "b.png", "c.png", "c.png", "c.png"]])
+    assert memo.used == 32
+    read(torch.zeros(3))  # an item that is not a path (an array, an image) is never kept
+    assert len(memo.entries) == 2
+
+
+def test_a_stage_that_keeps_its_media_in_memory_reads_each_file_once_and_trains_the_same(
+    tmp_path: Path, colour_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    preprocess = MediaTokens.__call__
+
+    def counting(self: MediaTokens, item: object) -> tuple[torch.Tensor, int]:
+        calls.append(item)
+        return preprocess(self, item)
+
+    monkeypatch.setattr(MediaTokens, "__call__", counting)
+    stage = align_stage(colour_world, max_steps=None, epochs=3.0, train_encoders="all")
+    plain = tiny_train_config(tmp_path / "plain", {"align": stage})
+    expected = load_file(str(train(plain) / PROJECTORS_FILE))
+    reads_without = len(calls)
+    calls.clear()
+    kept = replace(
+        plain, output_dir=str(tmp_path / "kept"), stages={"align": replace(stage, cache_media_mb=1.0)}
+    )
+    got = load_file(str(train(kept) / PROJECTORS_FILE))
+    assert reads_without >= 3 * NUM_RECORDS
+    assert len(calls) == len(set(map(str, calls))) == NUM_RECORDS  # each file preprocessed once
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=LOSS_TOLERANCE, rtol=0, msg=key)

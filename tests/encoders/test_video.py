@@ -164,6 +164,25 @@ def test_freeze_keeps_the_temporal_embedding_trainable() -> None:
     assert not scratch.is_pretrained and all(p.requires_grad for p in scratch.parameters())
 
 
+def test_a_stage_that_trains_no_encoder_freezes_the_temporal_embedding_too() -> None:
+    """``train_encoders: none`` freezes all of an encoder (so its features can be cached); ``auto`` trains
+    the temporal embedding above a frozen frame encoder."""
+    from mm_llama.train.config import StageConfig
+    from mm_llama.train.freeze import freeze_for_stage
+
+    encoder = EncoderConfig(type="video", options=video_options(), freeze=True)
+    config = ModelConfig(
+        llm=tiny_llm_config(),
+        modalities={"video": ModalityConfig(encoder=encoder, projector=ProjectorConfig(type="mlp2x_gelu"))},
+    )
+    model = MultimodalLM(config)
+    video = model.encoders["video"]
+    freeze_for_stage(model, StageConfig(data=["x.json"], train_encoders="none"))
+    assert not any(p.requires_grad for p in video.parameters()) and not video.training
+    freeze_for_stage(model, StageConfig(data=["x.json"], train_encoders="auto"))
+    assert {n for n, p in video.named_parameters() if p.requires_grad} == {"temporal_embedding"}
+
+
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match=r"frame_encoder.freeze unset"):
         video_encoder(frame_encoder={"type": "hf_vision", "options": {"config": TINY_CLIP}, "freeze": True})

@@ -132,6 +132,19 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     cfg = replace(cfg, model=replace(cfg.model, llm=replace(cfg.model.llm, quantization="nf4")))
     with pytest.raises(ValueError, match=r"full fine-tuning needs an unquantized LLM"):
         validate_train_config(cfg)
+    cfg = tiny_train_config(tmp_path, {"align": align_stage(data, modality_weights={"audio": 2.0})})
+    with pytest.raises(
+        ValueError, match=r"stages\.align\.modality_weights: unknown modality 'audio'; the model has: image"
+    ):
+        validate_train_config(cfg)
+    cfg = tiny_train_config(tmp_path, {"align": align_stage(data, modality_weights={"image": 0.0})})
+    with pytest.raises(ValueError, match=r"stages\.align\.modality_weights\.image: expected > 0"):
+        validate_train_config(cfg)
+    cfg = tiny_train_config(tmp_path, {"align": align_stage(data, cache_media_mb=-1.0)})
+    with pytest.raises(
+        ValueError, match=r"stages\.align\.cache_media_mb: expected >= 0 \(0 disables\), got -1"
+    ):
+        validate_train_config(cfg)
     stage = align_stage(data, batch_size=8, micro_batch_size=2)
     assert stage_grad_accumulation(stage, 1, "x") == 4 and stage_grad_accumulation(stage, 2, "x") == 2
     with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(2 x 3 = 6\)"):

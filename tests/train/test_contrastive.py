@@ -127,6 +127,29 @@ def test_caption_words_penalise_a_token_that_names_a_word_for_every_sample() -> 
     assert loss["everywhere"] > loss["discriminative"] + 0.1
 
 
+def test_caption_words_score_each_sample_by_its_own_tokens_only() -> None:
+    """Samples with different token counts (padded in one batched product): a sample's score of a word is
+    the logsumexp over its own tokens, as computed one sample at a time."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(30, 16)
+    caption_ids = torch.tensor([[3, 4, 5, -1], [6, 3, -1, -1], [7, 8, 9, 4]])
+    weights = torch.rand(3, 4) * (caption_ids >= 0)
+    tokens = [torch.randn(n, 16, requires_grad=True) for n in (5, 1, 3)]
+    loss = caption_word_loss(tokens, caption_ids, weights, table, temperature=0.07)
+    loss.backward()
+
+    vocab, inverse = torch.unique(caption_ids, return_inverse=True)
+    words = torch.nn.functional.normalize(table(vocab.clamp(min=0)).detach(), dim=-1)
+    scores = torch.stack(
+        [(torch.nn.functional.normalize(t, dim=-1) @ words.T / 0.07).logsumexp(0) for t in tokens]
+    )[:, vocab >= 0]
+    target = torch.zeros(3, len(vocab)).scatter_add_(1, inverse, weights)[:, vocab >= 0]
+    by_sample = -(target / target.sum(1, keepdim=True) * scores.log_softmax(1)).sum(1).mean()
+    by_word = -(target / target.sum(0, keepdim=True) * scores.log_softmax(0)).sum(0).mean()
+    assert loss.item() == pytest.approx(((by_sample + by_word) / 2).item(), abs=1e-5)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tokens)
+
+
 def test_word_match_pulls_the_closest_token_onto_each_word() -> None:
     torch.manual_seed(0)
     table = torch.nn.Embedding(20, 16)
