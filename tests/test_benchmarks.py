@@ -164,7 +164,13 @@ def test_seq_len_makes_every_training_sample_that_long(one_thread: None) -> None
     torch.set_num_threads(1)
     settings = BenchSettings(llm="tiny", vision="tiny", image_size=28, batch=2, seq_len=40)
     check_settings(settings)
-    pair = pair_for(build_model(settings), answer(settings))
-    batch = training_batch(pair, random_images(2, 28, 0))
+    model = build_model(settings)
+    images = random_images(2, 28, 0)
+    batch = training_batch(pair_for(model, answer(settings)), images)
     assert batch["input_ids"].shape == (2, 40) and bool(batch["attention_mask"].all())
-    assert int((batch["labels"] != -100).sum(1).min()) > 20  # the long answer is supervised
+    short = training_batch(pair_for(model), images)
+    assert short["input_ids"].shape[1] < 40
+    # the longer answer is supervised up to the cut: every token past the short sample's prompt
+    labelled = int((batch["labels"] != -100).sum(1).min())
+    prompt = short["input_ids"].shape[1] - int((short["labels"][0] != -100).sum())
+    assert labelled == 40 - prompt
