@@ -255,11 +255,8 @@ def model_config(settings: BenchSettings) -> ModelConfig:
         encoder=EncoderConfig(type="hf_vision", options={"config": clip}, freeze=True),
         projector=ProjectorConfig(type="mlp2x_gelu"),
     )
-    if settings.seq_len is None:
-        return ModelConfig(llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT)
-    return ModelConfig(
-        llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT, max_length=settings.seq_len
-    )
+    config = ModelConfig(llm=llm, modalities={"image": image}, system_prompt=SYSTEM_PROMPT)
+    return config if settings.seq_len is None else replace(config, max_length=settings.seq_len)
 
 
 def image_tokens(settings: BenchSettings) -> int:

@@ -211,8 +211,7 @@ def caption_word_loss(
         target = torch.zeros(len(tokens), len(vocab), device=words.device)  # (B, V)
         target.scatter_add_(1, inverse, weights.float())
         target[:, vocab < 0] = 0.0
-    sims, real = _padded_cosines(tokens, words)  # (B, M, V)
-    scores = (sims / temperature).masked_fill(~real[..., None], float("-inf")).logsumexp(1)  # (B, V)
+    scores = (_padded_cosines(tokens, words) / temperature).logsumexp(1)  # (B, V)
     padding = vocab < 0
     log_words = F.log_softmax(scores.masked_fill(padding, float("-inf")), dim=1)  # (B, V): sample -> words
     by_sample = target / target.sum(1, keepdim=True)
@@ -229,20 +228,20 @@ def word_match_loss(tokens: list[torch.Tensor], words: torch.Tensor, weights: to
     the sample's media token closest to it (each word pulls only its closest token, so tokens settle on
     a word each). ``tokens``: B x (M_b, D); ``words``: (B, L, D) the captions' input embeddings (any
     value at padding); ``weights`` (B, L), 0 at padding."""
-    sims, real = _padded_cosines(tokens, words.detach().float())  # (B, M, L)
-    closest = sims.masked_fill(~real[..., None], float("-inf")).amax(1)  # (B, L) each word's best cosine
+    closest = _padded_cosines(tokens, words.detach().float()).amax(1)  # (B, L) each word's best cosine
     per_sample = (weights * (1.0 - closest)).sum(1) / weights.sum(1).clamp(min=1e-8)
     return per_sample.mean()
 
 
-def _padded_cosines(tokens: list[torch.Tensor], words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_cosines(tokens: list[torch.Tensor], words: torch.Tensor) -> torch.Tensor:
     """Cosines between each sample's media tokens and words, in one batched product: ``tokens`` B x (M_b, D),
-    ``words`` (B, L, D) each sample's or (L, D) shared -> ((B, M, L) with M = max M_b, (B, M) True at real
-    tokens)."""
+    ``words`` (B, L, D) each sample's or (L, D) shared -> (B, M, L), M = max M_b, -inf at the padding
+    tokens (so a max or logsumexp over M sees each sample's own tokens only)."""
     counts = torch.tensor([len(t) for t in tokens], device=words.device)
     padded = nn.utils.rnn.pad_sequence([F.normalize(t, dim=-1) for t in tokens], batch_first=True)
-    real = torch.arange(padded.shape[1], device=words.device) < counts[:, None]
-    return padded @ F.normalize(words, dim=-1).transpose(-1, -2), real
+    real = torch.arange(padded.shape[1], device=words.device) < counts[:, None]  # (B, M)
+    sims = padded @ F.normalize(words, dim=-1).transpose(-1, -2)
+    return sims.masked_fill(~real[..., None], float("-inf"))
 
 
 def idf(ids: torch.Tensor) -> torch.Tensor:
