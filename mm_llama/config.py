@@ -104,7 +104,8 @@ class ModelConfig:
     chat_template: str | None = None
     """``None``: the tokenizer's own chat template (a Vicuna-style USER/ASSISTANT fallback when it has
     none); ``fallback``: that fallback; ``vicuna_v1``: LLaVA-1.5's conversation (``USER: ... ASSISTANT:
-    ...</s>``, what its checkpoints were trained with); any other string: a Jinja chat template."""
+    ...</s>``, what its checkpoints were trained with); ``chatml``: ChatML turns (SmolLM2, Qwen) without the
+    system turn those tokenizers' templates always add; any other string: a Jinja chat template."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -204,6 +204,15 @@ class HFVisionEncoder(ModalityEncoder):
             self.tower = AutoModel.from_config(config)
         else:
             self.tower = _load_tower(options.name_or_path, config)
+        num_blocks = int(config.num_hidden_layers)
+        if not -(num_blocks + 1) <= options.select_layer <= num_blocks:
+            raise ValueError(
+                f"hf_vision encoder: options.select_layer={options.select_layer} is out of range for a tower "
+                f"with {num_blocks} blocks: use -1..-{num_blocks + 1} or 0..{num_blocks} (0: the embeddings)"
+            )
+        self._run_blocks = options.select_layer % (num_blocks + 1)
+        """How many blocks the selected hidden state needs: the ones after it are never run."""
+        self._blocks_at = _block_list(self.tower, num_blocks)
 
     @property
     def output_dim(self) -> int:
@@ -214,11 +223,38 @@ class HFVisionEncoder(ModalityEncoder):
         return self.options.name_or_path is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tower(pixel_values=x.to(self.dtype), output_hidden_states=True)
-        hidden = out.hidden_states[self.options.select_layer]  # (B, [1 +] P, D)
+        hidden = self._selected_hidden_state(x.to(self.dtype))  # (B, [1 +] P, D)
         if self.preprocessor.has_cls and self.options.select_feature == "patch":
             hidden = hidden[:, 1:]
         return hidden
+
+    def _selected_hidden_state(self, x: torch.Tensor) -> torch.Tensor:
+        """``hidden_states[select_layer]``, running the tower's blocks only up to it (LLaVA's penultimate
+        layer: all but the last block), the way prismatic-vlms cuts its towers. Towers whose blocks are not
+        one ModuleList run whole, and so does select_layer 0 (transformers records no hidden state when no
+        block runs)."""
+        if self._blocks_at is None or self._run_blocks == 0:
+            out = self.tower(pixel_values=x, output_hidden_states=True)
+            return out.hidden_states[self.options.select_layer]
+        parent_name, _, attribute = self._blocks_at.rpartition(".")
+        parent = self.tower.get_submodule(parent_name)
+        blocks = getattr(parent, attribute)
+        setattr(parent, attribute, blocks[: self._run_blocks])
+        try:
+            return self.tower(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        finally:
+            setattr(parent, attribute, blocks)
+
+
+def _block_list(tower: torch.nn.Module, num_blocks: int) -> str | None:
+    """The dotted name of the tower's transformer blocks (the one ``ModuleList`` of ``num_blocks``), or
+    None when there is not exactly one."""
+    found = [
+        name
+        for name, module in tower.named_modules()
+        if name and isinstance(module, torch.nn.ModuleList) and len(module) == num_blocks
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _load_tower(source: str, vision_config: Any) -> torch.nn.Module:

@@ -48,6 +48,7 @@ NO_GENERATION_MARKER = (
 )
 TEMPLATES = {
     "chatml": (None, "", "<|im_end|>\n"),
+    "chatml_preset": ("chatml", "", "<|im_end|>\n"),
     "fallback": ("fallback", " ", "<|im_end|>\n"),
     "llama3": (LLAMA3, "", "<|eot_id|>"),
     "mistral": (MISTRAL, "", "<|im_end|>"),
@@ -230,4 +231,21 @@ def test_chat_template_option_round_trips(smollm2_tokenizer, tmp_path: Path) -> 
     assert (
         again("hi", add_generation_prompt=True).input_ids
         == processor("hi", add_generation_prompt=True).input_ids
+    )
+
+
+def test_chatml_preset_adds_a_system_turn_only_when_there_is_one(smollm2_tokenizer) -> None:
+    """SmolLM2's own template always opens with a system turn (its default prompt, or an empty one); the
+    ``chatml`` preset renders the same turns without it unless a system prompt is given."""
+    turns = CONVERSATIONS["multi_turn"]
+    own = processor_for(smollm2_tokenizer, "chatml", system_prompt="")
+    preset = processor_for(smollm2_tokenizer, "chatml_preset")
+    decode = preset.tokenizer.decode
+    own_text = decode(own(turns, {"image": [np.zeros((32, 32, 3), dtype=np.uint8)]}).input_ids)
+    preset_text = decode(preset(turns, {"image": [np.zeros((32, 32, 3), dtype=np.uint8)]}).input_ids)
+    assert own_text == "<|im_start|>system\n<|im_end|>\n" + preset_text
+    assert preset_text.startswith("<|im_start|>user\n")
+    with_system = processor_for(smollm2_tokenizer, "chatml_preset", system_prompt="Be brief.")
+    assert decode(with_system("hi", add_generation_prompt=True).input_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )

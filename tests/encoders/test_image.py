@@ -302,6 +302,42 @@ def test_select_layer_is_llavas_hidden_state_index(kind: str, select_layer: int)
         torch.testing.assert_close(enc(x), hidden[select_layer])
 
 
+HF_DEPTH = TINY_CLIP["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("kind", ["hf_clip", "hf_siglip"])
+@pytest.mark.parametrize("select_layer", [-2, -1, 1, 0, -(HF_DEPTH + 1)])
+def test_hf_vision_runs_the_blocks_up_to_select_layer_only(kind: str, select_layer: int) -> None:
+    """The output is the whole tower's ``hidden_states[select_layer]``; the blocks after it never run, and
+    the tower keeps every block (its weights save and load whole)."""
+    enc = encoder(
+        kind, select_layer=select_layer, select_feature="cls_patch" if kind == "hf_clip" else "patch"
+    )
+    x = torch.stack([enc.preprocess(item) for item in images()])
+    with torch.no_grad():
+        whole = enc.tower(pixel_values=x, output_hidden_states=True).hidden_states[select_layer]
+    ran: list[int] = []
+    blocks = enc.tower.get_submodule("encoder.layers")
+    hooks = [b.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        out = enc(x)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(out, whole)
+    needed = select_layer % (HF_DEPTH + 1)
+    assert ran == list(range(needed or HF_DEPTH))  # the embeddings (0): the whole tower, as transformers does
+    assert len(enc.tower.get_submodule("encoder.layers")) == HF_DEPTH
+    assert len([k for k in enc.state_dict() if ".layers." in k]) == len(
+        [k for k in encoder(kind).state_dict() if ".layers." in k]
+    )
+
+
+@pytest.mark.parametrize("select_layer", [-(HF_DEPTH + 2), HF_DEPTH + 1])
+def test_hf_vision_select_layer_out_of_range(select_layer: int) -> None:
+    with pytest.raises(ValueError, match=rf"select_layer={select_layer}.*{HF_DEPTH} blocks"):
+        encoder("hf_clip", select_layer=select_layer)
+
+
 @pytest.mark.parametrize("kind", ["open_clip", "timm"])
 @pytest.mark.parametrize("select_layer", [0, -(DEPTH + 1), DEPTH + 1])
 def test_select_layer_out_of_range(kind: str, select_layer: int) -> None:
