@@ -80,7 +80,7 @@ def run(
     started = time.perf_counter()
     cfg = load_train_config(config)
     out = Path(cfg.output_dir)
-    data = Path(cfg.stages["align"].data[0]).parent
+    data = Path(next(iter(cfg.stages.values())).data[0]).parent  # where the toy world goes
     world = data / "world.json"
     wanted = {"seed": seed, "n_train": n_train, "n_test": n_test}
     if (

@@ -104,6 +104,23 @@ def test_pickles(rgb_image) -> None:
     same_example(copy(PROMPT, {"image": [rgb_image]}), processor(PROMPT, {"image": [rgb_image]}))
 
 
+def test_a_conversation_is_rendered_and_tokenized_once(rgb_image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch after epoch a record's text gives the same tokens: the processor remembers them, keyed by all
+    they depend on (a new chat template tokenizes again), and hands out copies."""
+    processor = MultimodalProcessor.from_config(tiny_config())
+    calls: list[int] = []
+    real = processor._encode_uncached
+    monkeypatch.setattr(processor, "_encode_uncached", lambda *a: calls.append(1) or real(*a))
+    first = processor(PROMPT, {"image": [rgb_image]})
+    first.input_ids.append(-1)  # the caller's own list
+    again = processor(PROMPT, {"image": [rgb_image]})
+    assert calls == [1] and again.input_ids == first.input_ids[:-1]
+    processor.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert processor(PROMPT, {"image": [rgb_image]}).input_ids != again.input_ids and calls == [1, 1]
+    monkeypatch.undo()
+    assert processor._encoded and pickle.loads(pickle.dumps(processor))._encoded == {}
+
+
 def write_records(root: Path, n: int = 8) -> Path:
     (root / "img").mkdir(parents=True)
     records = []

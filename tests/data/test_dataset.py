@@ -228,6 +228,25 @@ def test_media_paths_cannot_leave_the_data_root(tmp_path: Path, model: Multimoda
         dataset[0]
 
 
+def test_media_paths_are_resolved_once_per_dataset(
+    data_dir: Path, model: MultimodalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mm_llama.data.dataset as module
+
+    resolved: list[str] = []
+    real = module.inside_root
+    monkeypatch.setattr(
+        module, "inside_root", lambda root, path, *a: resolved.append(path) or real(root, path, *a)
+    )
+    dataset = ConversationDataset(
+        write(data_dir / "data.json", records()), model.processor, check_media=False
+    )
+    first = [dataset.media(i) for i in range(len(dataset))]
+    count = len(resolved)
+    assert count > 0 and [dataset.media(i) for i in range(len(dataset))] == first and len(resolved) == count
+    assert all(Path(p).is_absolute() for m in first for paths in m.values() for p in paths)
+
+
 def test_modality_weights_repeat_the_records_of_a_modality(data_dir: Path, model: MultimodalLM) -> None:
     from mm_llama.train.data import StageDataset
 
