@@ -211,7 +211,7 @@ class HFVisionEncoder(ModalityEncoder):
                 f"with {num_blocks} blocks: use -1..-{num_blocks + 1} or 0..{num_blocks} (0: the embeddings)"
             )
         self._run_blocks = options.select_layer % (num_blocks + 1)
-        """How many blocks the selected hidden state needs: the ones after it are never run."""
+        """How many blocks the selected hidden state needs: the ones after it never run."""
         self._blocks_at = _block_list(self.tower, num_blocks)
 
     @property
@@ -230,20 +230,32 @@ class HFVisionEncoder(ModalityEncoder):
 
     def _selected_hidden_state(self, x: torch.Tensor) -> torch.Tensor:
         """``hidden_states[select_layer]``, running the tower's blocks only up to it (LLaVA's penultimate
-        layer: all but the last block), the way prismatic-vlms cuts its towers. Towers whose blocks are not
-        one ModuleList run whole, and so does select_layer 0 (transformers records no hidden state when no
-        block runs)."""
+        layer: all but the last block), the way prismatic-vlms cuts its towers: a hook on the selected
+        block takes its output and stops the forward there. The tower is never changed, so transformers'
+        own output hooks and any other caller still see every block. Towers whose blocks are not one
+        ModuleList run whole, and so does select_layer 0 (the embeddings)."""
         if self._blocks_at is None or self._run_blocks == 0:
             out = self.tower(pixel_values=x, output_hidden_states=True)
             return out.hidden_states[self.options.select_layer]
-        parent_name, _, attribute = self._blocks_at.rpartition(".")
-        parent = self.tower.get_submodule(parent_name)
-        blocks = getattr(parent, attribute)
-        setattr(parent, attribute, blocks[: self._run_blocks])
+        block = self.tower.get_submodule(self._blocks_at)[self._run_blocks - 1]
+        taken: list[torch.Tensor] = []
+
+        def take(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            taken.append(output[0] if isinstance(output, tuple) else output)
+            raise _TowerStop
+
+        handle = block.register_forward_hook(take)
         try:
-            return self.tower(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+            self.tower(pixel_values=x)
+        except _TowerStop:
+            pass
         finally:
-            setattr(parent, attribute, blocks)
+            handle.remove()
+        return taken[0]
+
+
+class _TowerStop(Exception):
+    """Raised by the hook on the selected block: the rest of the tower is not needed."""
 
 
 def _block_list(tower: torch.nn.Module, num_blocks: int) -> str | None:
