@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import io
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -196,15 +198,31 @@ def preprocessor_class(cls: type[ModalityEncoder]) -> type[MediaPreprocessor]:
 def build_preprocessor(modality: str, cfg: EncoderConfig) -> MediaPreprocessor:
     """The preprocessor of the encoder named by ``cfg.type``, from its validated options (no weights)."""
     cls = ENCODERS.get(cfg.type)
-    options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
-    return make_preprocessor(cls, options)
+    where = f"modalities.{modality}.encoder.options"
+    options = build_options(cls.Options, cfg.options, where)
+    with _options_named(where):
+        return make_preprocessor(cls, options)
 
 
 def build_encoder(modality: str, cfg: EncoderConfig) -> ModalityEncoder:
     """Instantiate the encoder named by ``cfg.type`` with its validated options, and freeze it if asked."""
     cls = ENCODERS.get(cfg.type)
-    options = build_options(cls.Options, cfg.options, f"modalities.{modality}.encoder.options")
-    encoder = cls(options)
+    where = f"modalities.{modality}.encoder.options"
+    options = build_options(cls.Options, cfg.options, where)
+    with _options_named(where):
+        encoder = cls(options)
     freeze = cfg.freeze if cfg.freeze is not None else encoder.is_pretrained
     encoder.set_frozen(freeze)
     return encoder
+
+
+@contextmanager
+def _options_named(where: str) -> Iterator[None]:
+    """An option value an encoder or its preprocessor refuses (a ``ValueError``, e.g. a ``select_layer``
+    out of range) becomes an input error naming the config field: one line from the command line."""
+    try:
+        yield
+    except MMInputError:
+        raise
+    except ValueError as e:
+        raise MMInputError(f"{where}: {e}") from e

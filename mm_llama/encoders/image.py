@@ -178,6 +178,14 @@ class HFVisionPreprocessor(MediaPreprocessor):
         self.has_cls = int(embeddings.num_positions) > self.num_patches
         if options.select_feature == "cls_patch" and not self.has_cls:
             raise ValueError(f"{type(tower).__name__} has no CLS token; use select_feature='patch'")
+        num_blocks = int(config.num_hidden_layers)
+        if not -(num_blocks + 1) <= options.select_layer <= num_blocks:
+            raise ValueError(
+                f"hf_vision encoder: options.select_layer={options.select_layer} is out of range for a tower "
+                f"with {num_blocks} blocks: use -1..-{num_blocks + 1} or 0..{num_blocks} (0: the embeddings)"
+            )
+        self.run_blocks = options.select_layer % (num_blocks + 1)
+        """How many blocks the selected hidden state needs (0: the embeddings); the ones after it never run."""
 
     def __call__(self, item: Any) -> torch.Tensor:
         image = load_image(item)
@@ -204,15 +212,7 @@ class HFVisionEncoder(ModalityEncoder):
             self.tower = AutoModel.from_config(config)
         else:
             self.tower = _load_tower(options.name_or_path, config)
-        num_blocks = int(config.num_hidden_layers)
-        if not -(num_blocks + 1) <= options.select_layer <= num_blocks:
-            raise ValueError(
-                f"hf_vision encoder: options.select_layer={options.select_layer} is out of range for a tower "
-                f"with {num_blocks} blocks: use -1..-{num_blocks + 1} or 0..{num_blocks} (0: the embeddings)"
-            )
-        self._run_blocks = options.select_layer % (num_blocks + 1)
-        """How many blocks the selected hidden state needs: the ones after it never run."""
-        self._blocks_at = _block_list(self.tower, num_blocks)
+        self._blocks_at = _block_list(self.tower, int(config.num_hidden_layers))
 
     @property
     def output_dim(self) -> int:
@@ -234,10 +234,11 @@ class HFVisionEncoder(ModalityEncoder):
         block takes its output and stops the forward there. The tower is never changed, so transformers'
         own output hooks and any other caller still see every block. Towers whose blocks are not one
         ModuleList run whole, and so does select_layer 0 (the embeddings)."""
-        if self._blocks_at is None or self._run_blocks == 0:
+        run_blocks = self.preprocessor.run_blocks
+        if self._blocks_at is None or run_blocks == 0:
             out = self.tower(pixel_values=x, output_hidden_states=True)
             return out.hidden_states[self.options.select_layer]
-        block = self.tower.get_submodule(self._blocks_at)[self._run_blocks - 1]
+        block = self.tower.get_submodule(self._blocks_at)[run_blocks - 1]
         taken: list[torch.Tensor] = []
 
         def take(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:

@@ -21,8 +21,9 @@ from transformers import PreTrainedTokenizerBase, SiglipImageProcessor
 
 from mm_llama import EncoderConfig, ModalityConfig, ModelConfig, MultimodalLM, ProjectorConfig
 from mm_llama.encoders import build_encoder, load_image
-from mm_llama.encoders.base import ModalityEncoder
+from mm_llama.encoders.base import ModalityEncoder, build_preprocessor
 from mm_llama.encoders.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, open_clip_tag_settings
+from mm_llama.errors import MMInputError
 from mm_llama.llm import load_tokenizer
 from tests.conftest import TINY_CLIP, tiny_llm_config
 
@@ -334,8 +335,17 @@ def test_hf_vision_runs_the_blocks_up_to_select_layer_only(kind: str, select_lay
 
 @pytest.mark.parametrize("select_layer", [-(HF_DEPTH + 2), HF_DEPTH + 1])
 def test_hf_vision_select_layer_out_of_range(select_layer: int) -> None:
-    with pytest.raises(ValueError, match=rf"select_layer={select_layer}.*{HF_DEPTH} blocks"):
+    """Refused by the preprocessor (before any weight is read), as an input error naming the field."""
+    with pytest.raises(
+        MMInputError,
+        match=rf"modalities\.image\.encoder\.options: .*select_layer={select_layer}.*{HF_DEPTH} blocks",
+    ):
         encoder("hf_clip", select_layer=select_layer)
+    with pytest.raises(MMInputError, match=rf"select_layer={select_layer}"):
+        build_preprocessor(
+            "image",
+            EncoderConfig(type="hf_vision", options=BACKENDS["hf_clip"].options(select_layer=select_layer)),
+        )
 
 
 @pytest.mark.parametrize("kind", ["open_clip", "timm"])
@@ -507,8 +517,6 @@ def test_image_cnn_tokens_weights_and_freezing(tmp_path) -> None:
 
 
 def test_pickle_weights_files_need_allow_pickle(tmp_path: Path) -> None:
-    from mm_llama.errors import MMInputError
-
     encoder = build_encoder("image", EncoderConfig(type="timm", options=timm_options()))
     options = save_timm(encoder, tmp_path)
     options.pop("allow_pickle")
