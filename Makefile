@@ -7,6 +7,9 @@ PIP := $(VENV)/bin/pip
 # The known-good set (the same versions as the GPU machine's image).
 TORCH_PINS := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
+# pip keeps no copy of the downloaded wheels (CUDA torch is several GB): a fresh machine's disk holds the
+# venv only.
+export PIP_NO_CACHE_DIR := 1
 
 # Debian data and programs of the real-data run and its tests (CI runs as root on a fresh Debian machine),
 # the chromium the demo's browser test drives through Playwright (never `playwright install`), and
@@ -25,7 +28,7 @@ system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing the Debian packages $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing && apt-get clean; \
 	fi
 
 $(STAMP): pyproject.toml Makefile
