@@ -194,6 +194,11 @@ def add_toyworld_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         action="store_true",
         help="one question per training record (default: follow-up turns ask every question type)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes rendering the media (default: one per usable core; any number gives the same bytes)",
+    )
     return parser
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mm_llama.data.toyworld import generate_toyworld
+from mm_llama.data.toyworld import generate_toyworld, usable_cores
 from mm_llama.eval import evaluate
 from mm_llama.model import MultimodalLM
 from mm_llama.train import TrainConfig, load_train_config, train
@@ -92,7 +92,8 @@ def run(
     ):
         print(f"[quickstart] generating the toy world in {data} ...", flush=True)
         forget_stages(cfg)
-        generate_toyworld(data, seed=seed, n_train=n_train, n_val=0, n_test=n_test)
+        workers = usable_cores()  # the media are rendered in parallel, with the same bytes
+        generate_toyworld(data, seed=seed, n_train=n_train, n_val=0, n_test=n_test, workers=workers)
         (data / "quickstart.json").write_text(json.dumps(wanted))
     timings = {"toyworld_s": time.perf_counter() - started}
     final = train_stages(cfg, "quickstart", timings)

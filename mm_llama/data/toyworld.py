@@ -35,8 +35,12 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -570,6 +574,77 @@ def _follow_ups(
     return turns
 
 
+_CHUNK = 50
+"""Samples per task of a ``workers`` pool: few enough tasks to keep the processes busy to the end."""
+
+
+def _make_sample(
+    out_dir: Path,
+    split: str,
+    key: tuple[int, int, int],
+    modality: str,
+    i: int,
+    qtype: str,
+    answer: str,
+    size: int,
+    multi_turn: bool,
+) -> tuple[dict, dict, Attrs]:
+    """Write sample ``i`` of one split and modality; returns (align record, instruct record, attributes).
+
+    Everything random comes from the sample's own seed ``(*key, i)``, so samples can be made in any order
+    and in any process with the same bytes."""
+    spec = _SPECS[modality]
+    rng = np.random.default_rng((*key, i))
+    attrs, slots = spec.sample(rng, qtype, answer, size)
+    rel = f"{MEDIA_DIRS[modality]}/{split}/{i:05d}.{MEDIA_EXTENSIONS[modality]}"
+    spec.write(attrs, out_dir / rel, rng, size)
+    sample_id = f"{split}-{modality}-{i:05d}"
+    marker = f"<{modality}>"
+    qspec = QUESTION_TYPES[qtype]
+    question = str(rng.choice(qspec.templates)).format(**slots)
+    align = {
+        "id": sample_id,
+        modality: rel,
+        "conversations": [
+            {"from": "human", "value": marker},
+            {"from": "gpt", "value": spec.caption(attrs)},
+        ],
+    }
+    instruct = {
+        "id": sample_id,
+        modality: rel,
+        "conversations": [
+            {"from": "human", "value": f"{marker}\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "question_type": qtype,
+        "answer": answer,
+        "choices": list(qspec.choices),
+    }
+    if multi_turn and split == "train":
+        named = frozenset(v for v in slots.values() if v in question)  # the shapes it asks about
+        turns = _follow_ups(rng, modality, qtype, attrs, named)
+        for t in turns:
+            instruct["conversations"] += [
+                {"from": "human", "value": t["question"]},
+                {"from": "gpt", "value": t["answer"]},
+            ]
+        instruct["turns"] = [{"question_type": qtype, "answer": answer}] + [
+            {"question_type": t["question_type"], "answer": t["answer"]} for t in turns
+        ]
+    return align, instruct, {"modality": modality, modality: rel, **attrs}
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _make_samples(jobs: Sequence[tuple]) -> list[tuple[dict, dict, Attrs]]:
+    """:func:`_make_sample` over a chunk of argument tuples (one pool task per chunk)."""
+    return [_make_sample(*job) for job in jobs]
+
+
 def _generate_split(
     out_dir: Path,
     split: str,
@@ -578,59 +653,25 @@ def _generate_split(
     modalities: Sequence[str],
     sizes: dict[str, int],
     multi_turn: bool,
+    pool: Executor | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, Attrs]]:
-    """Write the media of one split; returns (align records, instruct records, attributes by id)."""
-    per_modality: list[list[tuple[dict, dict]]] = []
-    attributes: dict[str, Attrs] = {}
+    """Write the media of one split (in ``pool``'s processes when given); returns (align records, instruct
+    records, attributes by id)."""
+    jobs = []
     for modality in modalities:
-        spec, key = _SPECS[modality], (seed, SPLITS.index(split), MODALITIES.index(modality))
-        media_dir = out_dir / MEDIA_DIRS[modality] / split
-        media_dir.mkdir(parents=True, exist_ok=True)
-        pairs = []
+        key = (seed, SPLITS.index(split), MODALITIES.index(modality))
+        (out_dir / MEDIA_DIRS[modality] / split).mkdir(parents=True, exist_ok=True)
         for i, (qtype, answer) in enumerate(_question_schedule(np.random.default_rng(key), modality, n)):
-            rng = np.random.default_rng((*key, i))  # each sample from its own seed
-            attrs, slots = spec.sample(rng, qtype, answer, sizes[modality])
-            rel = f"{MEDIA_DIRS[modality]}/{split}/{i:05d}.{MEDIA_EXTENSIONS[modality]}"
-            spec.write(attrs, out_dir / rel, rng, sizes[modality])
-            sample_id = f"{split}-{modality}-{i:05d}"
-            attributes[sample_id] = {"modality": modality, modality: rel, **attrs}
-            marker = f"<{modality}>"
-            qspec = QUESTION_TYPES[qtype]
-            question = str(rng.choice(qspec.templates)).format(**slots)
-            align = {
-                "id": sample_id,
-                modality: rel,
-                "conversations": [
-                    {"from": "human", "value": marker},
-                    {"from": "gpt", "value": spec.caption(attrs)},
-                ],
-            }
-            instruct = {
-                "id": sample_id,
-                modality: rel,
-                "conversations": [
-                    {"from": "human", "value": f"{marker}\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-                "question_type": qtype,
-                "answer": answer,
-                "choices": list(qspec.choices),
-            }
-            if multi_turn and split == "train":
-                named = frozenset(v for v in slots.values() if v in question)  # the shapes it asks about
-                turns = _follow_ups(rng, modality, qtype, attrs, named)
-                for t in turns:
-                    instruct["conversations"] += [
-                        {"from": "human", "value": t["question"]},
-                        {"from": "gpt", "value": t["answer"]},
-                    ]
-                instruct["turns"] = [{"question_type": qtype, "answer": answer}] + [
-                    {"question_type": t["question_type"], "answer": t["answer"]} for t in turns
-                ]
-            pairs.append((align, instruct))
-        per_modality.append(pairs)
-    interleaved = [pairs[i] for i in range(n) for pairs in per_modality]  # image, audio, ... of sample i
-    return [a for a, _ in interleaved], [q for _, q in interleaved], attributes
+            jobs.append((out_dir, split, key, modality, i, qtype, answer, sizes[modality], multi_turn))
+    if pool is None:
+        made = _make_samples(jobs)
+    else:
+        chunks = [jobs[k : k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
+        made = [sample for chunk in pool.map(_make_samples, chunks) for sample in chunk]
+    per_modality = [made[m * n : (m + 1) * n] for m in range(len(modalities))]
+    attributes = {align["id"]: attrs for align, _, attrs in made}
+    interleaved = [samples[i] for i in range(n) for samples in per_modality]  # image, audio, ... of sample i
+    return [a for a, _, _ in interleaved], [q for _, q, _ in interleaved], attributes
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -648,10 +689,12 @@ def generate_toyworld(
     image_size: int = 64,
     video_size: int = 64,
     multi_turn: bool = True,
+    workers: int = 1,
 ) -> dict[str, Path]:
     """Generate the toy world under ``out_dir``; ``n_*`` count samples per modality per split.
 
     ``multi_turn``: training records also ask the modality's other question types as follow-up turns.
+    ``workers``: processes that render and encode the media (the same bytes for any number).
 
     Returns the JSON files written: ``world``, ``align_{split}``, ``instruct_{split}``, ``attributes_{split}``
     (media live in ``images/``, ``audio/``, ``video/``, ``imu/`` next to them). Same arguments, same bytes
@@ -663,6 +706,8 @@ def generate_toyworld(
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if any(n < 0 for n in counts.values()) or seed < 0:
         raise ValueError(f"seed and sample counts must be >= 0, got seed={seed}, counts={counts}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if image_size < 16 or video_size < 16 or video_size % 2:
         raise ValueError(
             f"image_size must be >= 16 and video_size even and >= 16, got {image_size}, {video_size}"
@@ -673,8 +718,14 @@ def generate_toyworld(
     sizes = {"image": image_size, "video": video_size, "audio": 0, "imu": 0}
     paths: dict[str, Path] = {}
     summary: dict[str, Any] = {}
+    spawn = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch's threads
+    with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else nullcontext() as pool:
+        made = {
+            split: _generate_split(out, split, seed, n, modalities, sizes, multi_turn, pool)
+            for split, n in counts.items()
+        }
     for split, n in counts.items():
-        align, instruct, attributes = _generate_split(out, split, seed, n, modalities, sizes, multi_turn)
+        align, instruct, attributes = made[split]
         for name, records in (("align", align), ("instruct", instruct), ("attributes", attributes)):
             paths[f"{name}_{split}"] = out / f"{name}_{split}.json"
             _write_json(paths[f"{name}_{split}"], records)
@@ -735,6 +786,7 @@ def run_toyworld(args: argparse.Namespace) -> dict[str, Path]:
         image_size=args.image_size,
         video_size=args.video_size,
         multi_turn=not args.single_turn,
+        workers=args.workers if args.workers is not None else usable_cores(),
         **{name: value for name, value in given.items() if value is not None},
     )
     world = json.loads(paths["world"].read_text())

@@ -121,13 +121,16 @@ def _all_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_seeded(tmp_path: Path) -> None:
+def test_seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = {"n_train": 4, "n_val": 2, "n_test": 2}
+    monkeypatch.setattr(tw, "_CHUNK", 3)  # with workers, each split's samples span several pool tasks
     tw.generate_toyworld(tmp_path / "a", seed=7, **kwargs)
     tw.generate_toyworld(tmp_path / "b", seed=7, **kwargs)
     tw.generate_toyworld(tmp_path / "c", seed=8, **kwargs)
-    a, b, c = (_all_bytes(tmp_path / d) for d in "abc")
+    tw.generate_toyworld(tmp_path / "d", seed=7, workers=2, **kwargs)  # samples made in two processes
+    a, b, c, d = (_all_bytes(tmp_path / d) for d in "abcd")
     assert a == b  # every JSON and media file, byte for byte
+    assert a == d  # in the same order too, whatever process made each sample
     assert a.keys() == c.keys()
     for name in ("align_train.json", "instruct_train.json", "attributes_test.json"):
         assert a[name] != c[name]
@@ -267,6 +270,8 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         tw.generate_toyworld(tmp_path, modalities=["depth"])
     with pytest.raises(ValueError, match="counts"):
         tw.generate_toyworld(tmp_path, n_train=-1)
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        tw.generate_toyworld(tmp_path, workers=0)
 
 
 def test_loads_with_datasets(world: dict[str, Path], tmp_path: Path) -> None:
