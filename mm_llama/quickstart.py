@@ -15,14 +15,15 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mm_llama.data.toyworld import generate_toyworld, usable_cores
-from mm_llama.eval import evaluate
-from mm_llama.model import MultimodalLM
-from mm_llama.train import TrainConfig, load_train_config, train
+
+if TYPE_CHECKING:
+    from mm_llama.train import TrainConfig
+
+# torch, the model and the trainer are imported where they are used: the toy world's worker processes
+# import this module again (spawn), and need none of them.
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "quickstart.yaml"
 N_TRAIN = 2000
@@ -65,6 +66,8 @@ def forget_stages(cfg: TrainConfig) -> None:
 def train_stages(cfg: TrainConfig, tag: str, timings: dict[str, float]) -> Path:
     """Train every stage in turn (each resumes when its checkpoint is there), recording each one's wall
     time in ``timings`` as ``<stage>_s``; returns the last stage's checkpoint."""
+    from mm_llama.train import train
+
     for name in cfg.stages:
         t0 = time.perf_counter()
         print(f"[{tag}] stage {name} ...", flush=True)
@@ -77,6 +80,12 @@ def run(
     config: str | Path = CONFIG, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0
 ) -> dict[str, Any]:
     """Run the whole quickstart; returns the metrics written to ``<output_dir>/metrics.json``."""
+    import torch
+
+    from mm_llama.eval import evaluate
+    from mm_llama.model import MultimodalLM
+    from mm_llama.train import load_train_config
+
     started = time.perf_counter()
     cfg = load_train_config(config)
     out = Path(cfg.output_dir)
