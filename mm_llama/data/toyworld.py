@@ -51,6 +51,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from mm_llama.cli_args import add_toyworld_args  # defined there: `mm-llama --help` loads no media libraries
+from mm_llama.errors import MMInputError
 
 MODALITIES: tuple[str, ...] = ("image", "audio", "video", "imu")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -574,6 +575,11 @@ def _follow_ups(
     return turns
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 _CHUNK = 50
 """Samples per task of a ``workers`` pool: few enough tasks to keep the processes busy to the end."""
 
@@ -633,11 +639,6 @@ def _make_sample(
             {"question_type": t["question_type"], "answer": t["answer"]} for t in turns
         ]
     return align, instruct, {"modality": modality, modality: rel, **attrs}
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS reports one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _make_samples(jobs: Sequence[tuple]) -> list[tuple[dict, dict, Attrs]]:
@@ -702,14 +703,14 @@ def generate_toyworld(
     """
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown or not modalities:
-        raise ValueError(f"modalities {list(modalities)!r}: choose one or more of {', '.join(MODALITIES)}")
+        raise MMInputError(f"modalities {list(modalities)!r}: choose one or more of {', '.join(MODALITIES)}")
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if any(n < 0 for n in counts.values()) or seed < 0:
-        raise ValueError(f"seed and sample counts must be >= 0, got seed={seed}, counts={counts}")
+        raise MMInputError(f"seed and sample counts must be >= 0, got seed={seed}, counts={counts}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise MMInputError(f"workers must be >= 1, got {workers}")
     if image_size < 16 or video_size < 16 or video_size % 2:
-        raise ValueError(
+        raise MMInputError(
             f"image_size must be >= 16 and video_size even and >= 16, got {image_size}, {video_size}"
         )
     out = Path(out_dir)
@@ -720,25 +721,23 @@ def generate_toyworld(
     summary: dict[str, Any] = {}
     spawn = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch's threads
     with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else nullcontext() as pool:
-        made = {
-            split: _generate_split(out, split, seed, n, modalities, sizes, multi_turn, pool)
-            for split, n in counts.items()
-        }
-    for split, n in counts.items():
-        align, instruct, attributes = made[split]
-        for name, records in (("align", align), ("instruct", instruct), ("attributes", attributes)):
-            paths[f"{name}_{split}"] = out / f"{name}_{split}.json"
-            _write_json(paths[f"{name}_{split}"], records)
-        answers = {q: Counter() for q, s in QUESTION_TYPES.items() if s.modality in modalities and n}
-        for r in instruct:
-            answers[r["question_type"]][r["answer"]] += 1
-        summary[split] = {
-            "samples_per_modality": n,
-            "align": len(align),
-            "instruct": {q: sum(c.values()) for q, c in answers.items()},
-            "answers": {q: dict(sorted(c.items())) for q, c in answers.items()},
-            "turns": sum(len(r.get("turns", [r])) for r in instruct),
-        }
+        for split, n in counts.items():
+            align, instruct, attributes = _generate_split(
+                out, split, seed, n, modalities, sizes, multi_turn, pool
+            )
+            for name, records in (("align", align), ("instruct", instruct), ("attributes", attributes)):
+                paths[f"{name}_{split}"] = out / f"{name}_{split}.json"
+                _write_json(paths[f"{name}_{split}"], records)
+            answers = {q: Counter() for q, s in QUESTION_TYPES.items() if s.modality in modalities and n}
+            for r in instruct:
+                answers[r["question_type"]][r["answer"]] += 1
+            summary[split] = {
+                "samples_per_modality": n,
+                "align": len(align),
+                "instruct": {q: sum(c.values()) for q, c in answers.items()},
+                "answers": {q: dict(sorted(c.items())) for q, c in answers.items()},
+                "turns": sum(len(r.get("turns", [r])) for r in instruct),
+            }
     question_types = {
         q: {"modality": s.modality, "choices": list(s.choices), "chance": 1 / len(s.choices)}
         for q, s in QUESTION_TYPES.items()

@@ -223,6 +223,10 @@ def test_input_errors_exit_2_with_one_line(tmp_path, capsys) -> None:
     )
     with pytest.raises(MMInputError):  # --debug: the traceback
         main(["--debug", "chat", "--checkpoint", str(tmp_path / "nowhere"), "What is it?"])
+    with pytest.raises(SystemExit) as exit_info:  # a bad toy-world argument, before anything is written
+        main(["toyworld", "--out", str(tmp_path / "toy"), "--workers", "0"])
+    assert exit_info.value.code == 2 and not (tmp_path / "toy").exists()
+    assert capsys.readouterr().err == "mm-llama: error: workers must be >= 1, got 0\n"
 
 
 @pytest.mark.parametrize("problem", ["missing", "folder", "not_an_image", "missing_audio"])
